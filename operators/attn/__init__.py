@@ -1,0 +1,24 @@
+"""Exact attention: blockwise online-softmax attention, lse merge, block-sparse patterns,
+hierarchical attention. Plain references live in `streamctx.operators.attn.naive`."""
+
+from __future__ import annotations
+
+from .merge import merge_attention
+from .naive import attention  # interim: replaced by the blockwise fast path
+from .patterns import (
+    BlockPattern,
+    block_sparse_pattern,
+    random_pattern,
+    strided_pattern,
+    union,
+)
+
+__all__ = [
+    "attention",
+    "merge_attention",
+    "BlockPattern",
+    "strided_pattern",
+    "random_pattern",
+    "block_sparse_pattern",
+    "union",
+]
