@@ -1,0 +1,413 @@
+"""Job specs: the pydantic v2 boundary of a streaming job (DESIGN.md contract 6).
+
+A `JobSpec` is read from YAML or JSON (`JobSpec.from_file`) or built in Python. Every section
+forbids unknown keys, so a typo is an error naming its field. Relative paths resolve against the
+spec file's folder (`base_dir`); outputs must stay inside it. `validate(path)` reports every
+error at once, each with its field path (`source.path: file not found: convs.jsonl`).
+
+Input records (one JSONL line, or one row of an Arrow/Parquet table) are `InputRecord`s; the
+runtime dead-letters anything that does not validate and keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROLES = ("user", "assistant", "system", "document")
+Role = Literal["user", "assistant", "system", "document"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+# --- input records -------------------------------------------------------------------------------
+
+
+class InputRecord(BaseModel):
+    """One turn of one session.
+
+    `generate`: reply after this turn. `end`: the session is over; its state is freed.
+    Extra fields are kept and travel with the record (user stages may read them).
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    session_id: str = Field(min_length=1)
+    turn: int = Field(ge=0)
+    role: Role
+    text: str
+    generate: bool = False
+    max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    end: bool = False
+
+
+# --- job sections --------------------------------------------------------------------------------
+
+SourceType = Literal["jsonl", "parquet", "arrow", "iterator", "queue"]
+SinkType = Literal["parquet", "jsonl", "memory", "callback"]
+
+
+class SourceSpec(_Section):
+    """Where records come from.
+
+    jsonl/parquet/arrow read `path`; `follow` (jsonl only) tails the file until it has been idle
+    for `follow_idle_s`. iterator/queue take a Python object (`obj`: an iterable of dicts or
+    Arrow batches, or a `queue.Queue` ended by `None`) and exist only for specs built in Python.
+    `start_offset` replays from a recorded offset (see `JobResult.last_offset`).
+    """
+
+    type: SourceType
+    path: Optional[str] = None
+    follow: bool = False
+    follow_idle_s: float = Field(default=2.0, gt=0)
+    poll_interval_s: float = Field(default=0.05, gt=0)
+    start_offset: int = Field(default=0, ge=0)
+    obj: Any = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SourceSpec":
+        if self.type in ("jsonl", "parquet", "arrow") and not self.path:
+            raise ValueError(f"source type {self.type!r} needs a path")
+        if self.type in ("iterator", "queue") and self.obj is None:
+            raise ValueError(f"source type {self.type!r} needs `obj` (only available from Python)")
+        if self.follow and self.type != "jsonl":
+            raise ValueError("follow is only supported for jsonl sources")
+        return self
+
+
+class ModelSpec(_Section):
+    """The model stage. `name` is a known model ("smollm2") unless `path` (HF folder or GGUF) is given.
+
+    `stages`: split the layers over this many actors (pipeline); outputs equal one stage.
+    `replicas`: model-stage replicas (defaults to `runner.replicas`).
+    """
+
+    name: Optional[str] = "smollm2"
+    path: Optional[str] = None
+    dtype: Optional[str] = None
+    device: str = "auto"
+    stages: int = Field(default=1, ge=1)
+    replicas: Optional[int] = Field(default=None, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    stage_resources: list[dict[str, float]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        if not self.name and not self.path:
+            raise ValueError("model needs a name or a path")
+        if self.stage_resources and len(self.stage_resources) != self.stages:
+            raise ValueError(f"stage_resources has {len(self.stage_resources)} entries for {self.stages} stages")
+        return self
+
+
+class WindowsSpec(_Section):
+    adaptive: bool = False
+
+
+class MemorySpec(_Section):
+    device_budget: Optional[Union[int, str]] = None
+
+
+class SchedulerSpec(_Section):
+    windows: WindowsSpec = Field(default_factory=WindowsSpec)
+    memory: MemorySpec = Field(default_factory=MemorySpec)
+
+
+class RunnerSpec(_Section):
+    """How the graph runs.
+
+    `key_groups`: fixed number of routing groups (a session's group never changes; replicas own
+    whole groups). `batch_size`: records per Arrow batch read from the source.
+    `max_in_flight`: records between the source and the sink at any moment (every edge included).
+    """
+
+    type: Literal["local", "ray"] = "ray"
+    address: Optional[str] = None
+    replicas: int = Field(default=1, ge=1)
+    key_groups: int = Field(default=128, ge=1, le=1 << 16)
+    batch_size: int = Field(default=64, ge=1)
+    max_in_flight: int = Field(default=1024, ge=1)
+
+
+class SinkSpec(_Section):
+    """Where outputs go. File sinks write `part-NNNNN.<ext>` under `path` (and `dead_letter/`
+    under it) with atomic commits every `rows_per_file` rows; `callback` takes `fn(batch)`."""
+
+    type: SinkType = "memory"
+    path: Optional[str] = None
+    rows_per_file: int = Field(default=10_000, ge=1)
+    fn: Optional[Callable[..., Any]] = Field(default=None, exclude=True, repr=False)
+    dead_letter_fn: Optional[Callable[..., Any]] = Field(default=None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SinkSpec":
+        if self.type in ("parquet", "jsonl") and not self.path:
+            raise ValueError(f"sink type {self.type!r} needs a path")
+        if self.type == "callback" and self.fn is None:
+            raise ValueError("sink type 'callback' needs `fn` (only available from Python)")
+        return self
+
+
+class SessionsSpec(_Section):
+    """Session lifecycle. A session idle for more than `idle_ttl_records` stream records (a logical
+    clock: deterministic on every runner) or `idle_ttl_s` seconds (wall clock) is ended."""
+
+    idle_ttl_records: Optional[int] = Field(default=None, ge=1)
+    idle_ttl_s: Optional[float] = Field(default=None, gt=0)
+
+
+class StageSpec(_Section):
+    """A user stage: a class with `process(batch: pa.RecordBatch) -> pa.RecordBatch | None`.
+
+    `cls` is `"package.module:Class"` (imported, never evaluated) or the class itself.
+    `place`: before or after the model stage. Optional hooks: `end_session(session_id)`,
+    `session_bytes() -> dict[str, int]`, `close()`.
+    """
+
+    name: str = Field(min_length=1)
+    cls: Union[str, type]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    replicas: Optional[int] = Field(default=None, ge=1)
+    place: Literal["pre_model", "post_model"] = "pre_model"
+    num_cpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    replica_resources: list[dict[str, float]] = Field(default_factory=list)
+
+    @field_validator("cls")
+    @classmethod
+    def _cls_shape(cls, v: Union[str, type]) -> Union[str, type]:
+        if isinstance(v, str) and (":" not in v or not all(v.split(":", 1))):
+            raise ValueError(f"expected 'package.module:Class', got {v!r}")
+        return v
+
+
+class CheckpointSpec(_Section):
+    """Placeholder for the reliability issue (session-state checkpoints); only validated today."""
+
+    enabled: bool = False
+    interval_records: int = Field(default=10_000, ge=1)
+    path: Optional[str] = None
+
+
+class JobSpec(_Section):
+    name: str = Field(min_length=1)
+    source: SourceSpec
+    model: Optional[ModelSpec] = Field(default_factory=ModelSpec)
+    policy: dict[str, Any] = Field(default_factory=lambda: {"type": "full"})
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    runner: RunnerSpec = Field(default_factory=RunnerSpec)
+    sink: SinkSpec = Field(default_factory=SinkSpec)
+    sessions: SessionsSpec = Field(default_factory=SessionsSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    base_dir: str = Field(default_factory=os.getcwd, exclude=True)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_shape(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # Only the shape is checked here; the engine rejects unknown policy names.
+        has_type, has_preset = "type" in v, "preset" in v
+        if has_type == has_preset:
+            raise ValueError("policy needs exactly one of `type` or `preset`")
+        key = "type" if has_type else "preset"
+        if not isinstance(v[key], str) or not v[key]:
+            raise ValueError(f"policy.{key} must be a non-empty string")
+        if has_preset and len(v) > 1:
+            raise ValueError("policy.preset takes no other keys")
+        return v
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "JobSpec":
+        names = [s.name for s in self.stages]
+        reserved = {"source", "segment", "model", "sink"}
+        for n in names:
+            if n in reserved:
+                raise ValueError(f"stage name {n!r} is reserved")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    # --- paths -----------------------------------------------------------------------------------
+
+    def resolve_input(self, p: str) -> Path:
+        """An input path: relative paths resolve against `base_dir`."""
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (Path(self.base_dir) / path).resolve()
+
+    def resolve_output(self, p: str) -> Path:
+        """An output path, which must stay inside `base_dir` (no absolute or `..` escapes)."""
+        return resolve_inside(Path(self.base_dir), p)
+
+    # --- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base_dir: str | os.PathLike[str] | None = None) -> "JobSpec":
+        data = dict(data)
+        if base_dir is not None:
+            data["base_dir"] = str(Path(base_dir).resolve())
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "JobSpec":
+        """Read YAML (`.yaml`/`.yml`) or JSON; relative paths resolve against the file's folder.
+
+        Raises `SpecError` listing every field error.
+        """
+        path = Path(path)
+        data = _load_mapping(path)
+        try:
+            return cls.from_dict(data, base_dir=path.resolve().parent)
+        except ValidationError as exc:
+            raise SpecError(_field_errors(exc)) from None
+
+
+def resolve_inside(root: Path, p: str) -> Path:
+    """`root / p`, refusing absolute paths and anything that resolves outside `root`."""
+    if Path(p).is_absolute():
+        raise ValueError(f"output path must be relative to the spec folder, got absolute {p!r}")
+    root = root.resolve()
+    out = (root / p).resolve()
+    if out != root and root not in out.parents:
+        raise ValueError(f"output path {p!r} escapes its root")
+    return out
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem in a spec: `field` is a dotted path (`source.path`, `stages.0.cls`)."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class SpecError(ValueError):
+    """A job spec that does not validate; `errors` lists every problem with its field path."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("invalid job spec:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def _load_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError([FieldError("", f"spec file not found: {path.name}")])
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml and json raise different types; both are user errors here
+        raise SpecError([FieldError("", f"cannot parse {path.name}: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise SpecError([FieldError("", f"{path.name} must hold a mapping, got {type(data).__name__}")])
+    return data
+
+
+def _field_errors(exc: ValidationError) -> list[FieldError]:
+    out = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append(FieldError(loc, msg))
+    return out
+
+
+def _semantic_errors(spec: JobSpec) -> Iterable[FieldError]:
+    """Checks that need the file system or imports (beyond the schema)."""
+    src = spec.source
+    if src.path and src.type in ("jsonl", "parquet", "arrow"):
+        p = spec.resolve_input(src.path)
+        if not p.exists() and not src.follow:
+            yield FieldError("source.path", f"file not found: {src.path}")
+    if spec.sink.path and spec.sink.type in ("parquet", "jsonl"):
+        try:
+            spec.resolve_output(spec.sink.path)
+        except ValueError as exc:
+            yield FieldError("sink.path", str(exc))
+    if spec.model is not None and spec.model.path:
+        if not spec.resolve_input(spec.model.path).exists():
+            yield FieldError("model.path", f"not found: {spec.model.path}")
+    for i, st in enumerate(spec.stages):
+        if isinstance(st.cls, str):
+            try:
+                import_stage_class(st.cls)
+            except Exception as exc:  # import errors are user errors here
+                yield FieldError(f"stages.{i}.cls", str(exc))
+
+
+def import_stage_class(ref: str) -> type:
+    """Import `"package.module:Class"` (no evaluation: a module import and an attribute lookup)."""
+    import importlib
+
+    mod_name, _, attr = ref.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {mod_name!r}: {exc}") from None
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, type) or not callable(getattr(obj, "process", None)):
+        raise ValueError(f"{ref!r} is not a class with a process(batch) method")
+    return obj
+
+
+def validate(path: str | os.PathLike[str] | dict[str, Any], *, base_dir: str | None = None) -> list[FieldError]:
+    """Every error in a spec file (or mapping), each with its field path; empty when valid."""
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            data = _load_mapping(Path(path))
+        except SpecError as exc:
+            return exc.errors
+        base = str(Path(path).resolve().parent)
+    else:
+        data, base = path, base_dir or os.getcwd()
+    try:
+        spec = JobSpec.from_dict(data, base_dir=base)
+    except ValidationError as exc:
+        errors = _field_errors(exc)
+        # Still report file-system problems of the sections that did parse.
+        errors += _partial_semantic_errors(data, base)
+        return errors
+    return list(_semantic_errors(spec))
+
+
+def _partial_semantic_errors(data: dict[str, Any], base: str) -> list[FieldError]:
+    out: list[FieldError] = []
+    src = data.get("source")
+    if isinstance(src, dict) and isinstance(src.get("path"), str) and src.get("type") in ("jsonl", "parquet", "arrow"):
+        p = Path(src["path"])
+        p = p if p.is_absolute() else Path(base) / p
+        if not p.exists() and not src.get("follow"):
+            out.append(FieldError("source.path", f"file not found: {src['path']}"))
+    sink = data.get("sink")
+    if isinstance(sink, dict) and isinstance(sink.get("path"), str):
+        try:
+            resolve_inside(Path(base), sink["path"])
+        except ValueError as exc:
+            out.append(FieldError("sink.path", str(exc)))
+    return out
