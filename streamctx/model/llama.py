@@ -1,0 +1,234 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral) over the paged KV cache.
+
+Functional code over a weights dict taken from the loader (Hugging Face names). At load the
+q/k/v projections are fused into one matmul and gate/up into another; the lm_head runs only on
+the rows whose logits are asked for (the last position of each session unless told otherwise).
+
+The forward is batch-first: `forward([(cache, ids), ...])` packs every session's new tokens into
+one `[N, H]` activation for the dense layers and runs attention per session over its own
+cache, so sessions of different lengths batch without padding (ragged attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from streamctx.kv.apply import apply_policy
+from streamctx.kv.cache import SessionKV
+from streamctx.kv.pool import BlockPool
+from streamctx.model.config import LlamaConfig, ModelLoadError
+from streamctx.model.functional import rms_norm, take
+from streamctx.model.ops import attention
+from streamctx.model.rope import Rope, apply_rope, rerotate
+from streamctx.operators.policies.base import CachePolicy
+from streamctx.state import StateBlob
+
+
+@dataclass(frozen=True)
+class _Layer:
+    ln_attn: torch.Tensor  # [H]
+    w_qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
+    b_qkv: torch.Tensor | None
+    w_o: torch.Tensor  # [H, Hq D]
+    b_o: torch.Tensor | None
+    ln_mlp: torch.Tensor  # [H]
+    w_gate_up: torch.Tensor  # [2 I, H]
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor  # [H, I]
+    b_down: torch.Tensor | None
+
+
+class LlamaModel:
+    """A Llama-family decoder whose sessions hold a `SessionKV` in the model's `BlockPool`."""
+
+    kind = "llama"
+
+    def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 block_size: int = 64) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        c = config
+        self.scale = c.head_dim ** -0.5
+        w = {k: t.to(device=self.device, dtype=dtype) for k, t in weights.items()}
+        self.embed = take(w, "model.embed_tokens.weight")  # [V, H]
+        if self.embed.shape != (c.vocab_size, c.hidden_size):
+            raise ModelLoadError(
+                f"model.embed_tokens.weight has shape {list(self.embed.shape)}, "
+                f"config expects {[c.vocab_size, c.hidden_size]}"
+            )
+        self.lm_head = self.embed if c.tie_word_embeddings else take(w, "lm_head.weight")
+        self.norm = take(w, "model.norm.weight")
+        self.layers = [self._layer(w, i) for i in range(c.num_layers)]
+        self.rope = Rope(c.head_dim, c.rope_theta, c.rope_scaling, dtype=dtype, device=self.device)
+        self.pool = BlockPool(c.num_layers, c.num_kv_heads, c.head_dim, block_size=block_size,
+                              dtype=dtype, device=self.device)
+
+    def _layer(self, w: dict[str, torch.Tensor], i: int) -> _Layer:
+        c, p = self.config, f"model.layers.{i}."
+
+        def cat(names: Sequence[str], suffix: str, present: bool) -> torch.Tensor | None:
+            if not present:
+                return None
+            return torch.cat([take(w, p + n + suffix) for n in names], dim=0).contiguous()
+
+        qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        gu = ("mlp.gate_proj", "mlp.up_proj")
+        w_qkv = cat(qkv, ".weight", True)
+        want = ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size)
+        if tuple(w_qkv.shape) != want:  # type: ignore[union-attr]
+            raise ModelLoadError(
+                f"layer {i}: q/k/v projections stack to {list(w_qkv.shape)}, config expects {list(want)}"  # type: ignore[union-attr]
+            )
+        return _Layer(
+            ln_attn=take(w, p + "input_layernorm.weight"),
+            w_qkv=w_qkv,  # type: ignore[arg-type]
+            b_qkv=cat(qkv, ".bias", c.attention_bias),
+            w_o=take(w, p + "self_attn.o_proj.weight"),
+            b_o=take(w, p + "self_attn.o_proj.bias") if c.o_proj_bias else None,
+            ln_mlp=take(w, p + "post_attention_layernorm.weight"),
+            w_gate_up=cat(gu, ".weight", True),  # type: ignore[arg-type]
+            b_gate_up=cat(gu, ".bias", c.mlp_bias),
+            w_down=take(w, p + "mlp.down_proj.weight"),
+            b_down=take(w, p + "mlp.down_proj.bias") if c.mlp_bias else None,
+        )
+
+    # -- sessions ---------------------------------------------------------------------------------
+    def new_state(self) -> SessionKV:
+        return SessionKV(self.pool)
+
+    def state_nbytes(self, state: SessionKV) -> int:
+        return state.nbytes()
+
+    def free_state(self, state: SessionKV) -> None:
+        state.free()
+
+    def weight_nbytes(self) -> int:
+        seen: dict[int, int] = {}
+        tensors = [self.embed, self.lm_head, self.norm]
+        for layer in self.layers:
+            tensors.extend(t for t in vars(layer).values() if t is not None)
+        for t in tensors:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    def rerotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return rerotate(keys, delta, self.rope)
+
+    def apply_policy(self, state: SessionKV, policy: CachePolicy) -> None:
+        apply_policy(state, policy, self.rerotate)
+
+    # -- forward ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: Sequence[tuple[SessionKV, torch.Tensor]], *,
+                all_logits: Sequence[bool] | bool = False, key_mass: bool = False) -> list[torch.Tensor]:
+        """Append each session's new tokens `ids [T_i]` to its cache and return its logits.
+
+        Returns per session `[T_i, V]` where `all_logits` asks for it, else `[V]` (last position).
+        """
+        c, dev = self.config, self.device
+        flags = [all_logits] * len(batch) if isinstance(all_logits, bool) else list(all_logits)
+        lens = [int(ids.shape[0]) for _, ids in batch]
+        ids = batch[0][1] if len(batch) == 1 else torch.cat([ids for _, ids in batch])
+        x = F.embedding(ids.to(dev), self.embed)  # [N, H]
+        hq, hkv, d = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.head_dim
+        abs_pos = [torch.arange(cache.n_fed, cache.n_fed + n, device=dev) for (cache, _), n in zip(batch, lens)]
+        rope_memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def rope_for(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if (start, n) not in rope_memo:
+                cos, sin = self.rope.cos_sin(range(start, start + n))
+                rope_memo[start, n] = (cos, sin, torch.arange(start, start + n, device=dev))
+            return rope_memo[start, n]
+
+        for li, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # [N, (Hq + 2 Hkv) D]
+            outs = []
+            off = 0
+            for (cache, _), n, pos in zip(batch, lens, abs_pos):
+                seg = qkv[off:off + n]
+                off += n
+                q = seg[:, :hq].view(n, c.num_heads, d).transpose(0, 1)  # [Hq, n, D]
+                k = seg[:, hq:hq + hkv].view(n, c.num_kv_heads, d).transpose(0, 1)  # [Hkv, n, D]
+                v = seg[:, hq + hkv:].view(n, c.num_kv_heads, d).transpose(0, 1)
+                cos, sin, rpos = rope_for(cache.layers[li].next_rope, n)
+                q = apply_rope(q, cos, sin)
+                k = apply_rope(k, cos, sin)
+                past = cache.layers[li].length
+                cache.append(li, k, v, pos, rpos)
+                keys, values = cache.kv(li)
+                res = attention(q[None], keys[None], values[None], causal=True, q_offset=past,
+                                window=c.sliding_window, scale=self.scale, return_key_mass=key_mass)
+                if key_mass:
+                    o, mass = res
+                    cache.add_key_mass(li, _group_mass(mass[0], c.num_kv_heads))
+                else:
+                    o = res
+                outs.append(o[0].transpose(0, 1).reshape(n, hq))  # [n, Hq D]
+            a = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + F.linear(a, layer.w_o, layer.b_o)
+            h = rms_norm(x, layer.ln_mlp, c.rms_norm_eps)
+            gu = F.linear(h, layer.w_gate_up, layer.b_gate_up)  # [N, 2 I]
+            g, u = gu.chunk(2, dim=-1)
+            x = x + F.linear(F.silu(g) * u, layer.w_down, layer.b_down)
+        for (cache, _), n in zip(batch, lens):
+            cache.n_fed += n
+        rows, off = [], 0
+        for n, flag in zip(lens, flags):
+            rows.append(x[off:off + n] if flag else x[off + n - 1:off + n])
+            off += n
+        sel = rows[0] if len(rows) == 1 else torch.cat(rows)
+        logits = F.linear(rms_norm(sel, self.norm, c.rms_norm_eps), self.lm_head)  # [R, V]
+        out, off = [], 0
+        for r, flag in zip(rows, flags):
+            m = r.shape[0]
+            out.append(logits[off:off + m] if flag else logits[off])
+            off += m
+        return out
+
+    # -- state as data ----------------------------------------------------------------------------
+    def state_to_blob(self, state: SessionKV) -> StateBlob:
+        """The kept K/V/positions of every layer in logical order, plus counters (bit-exact)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for li in range(self.config.num_layers):
+            k, v = state.kv(li)
+            pos, rpos = state.positions(li)
+            tensors[f"k.{li}"], tensors[f"v.{li}"] = k.contiguous(), v.contiguous()
+            tensors[f"pos.{li}"], tensors[f"rope_pos.{li}"] = pos.contiguous(), rpos.contiguous()
+            if state.key_mass[li] is not None:
+                tensors[f"key_mass.{li}"] = state.key_mass[li]  # type: ignore[assignment]
+        meta = {"n_fed": state.n_fed, "next_rope": [t.next_rope for t in state.layers],
+                "n_new": list(state.n_new)}
+        return StateBlob("llama.session", tensors, meta)
+
+    def state_from_blob(self, blob: StateBlob) -> SessionKV:
+        c = self.config
+        state = self.new_state()
+        for li in range(c.num_layers):
+            k = blob.tensors.get(f"k.{li}")
+            want = (c.num_kv_heads, c.head_dim)
+            if k is None or k.dim() != 3 or (k.shape[0], k.shape[2]) != want:
+                state.free()
+                raise ValueError(f"session state does not fit this model: layer {li} keys "
+                                 f"{None if k is None else list(k.shape)}, expected [{want[0]}, T, {want[1]}]")
+            state.append(li, k.to(self.device, self.dtype), blob.tensors[f"v.{li}"].to(self.device, self.dtype),
+                         blob.tensors[f"pos.{li}"].to(self.device), blob.tensors[f"rope_pos.{li}"].to(self.device))
+            state.layers[li].next_rope = int(blob.meta["next_rope"][li])
+            mass = blob.tensors.get(f"key_mass.{li}")
+            state.key_mass[li] = None if mass is None else mass.to(self.device)
+        state.n_fed = int(blob.meta["n_fed"])
+        state.n_new = [int(n) for n in blob.meta["n_new"]]
+        return state
+
+
+def _group_mass(mass: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Key mass `[Hq or Hkv, Tk]` summed to `[Hkv, Tk]` over the query heads of each group."""
+    if mass.shape[0] == num_kv_heads:
+        return mass
+    return mass.view(num_kv_heads, -1, mass.shape[-1]).sum(1)
