@@ -4,7 +4,7 @@ hierarchical attention. Plain references live in `streamctx.operators.attn.naive
 from __future__ import annotations
 
 from .merge import merge_attention
-from .naive import attention  # interim: replaced by the blockwise fast path
+from .blockwise import attention
 from .patterns import (
     BlockPattern,
     block_sparse_pattern,

@@ -1,0 +1,411 @@
+"""Exact blockwise attention with online-softmax (lse) merging, masks, windows, sinks and patterns.
+
+Shapes: q `[B, Hq, Tq, D]`, k/v `[B, Hkv, Tk, D]`, Hq = G * Hkv (grouped-query heads). K/V are
+never repeated: each query block is viewed as `[B, Hkv, G * bq, D]` so the G query heads of a KV head
+share one key tile.
+
+Visibility is defined in `naive.py` (the reference). The work is planned per query block (aligned to
+absolute positions): the key blocks it may see are classified from interval arithmetic as *full*
+(every query sees every key: no mask), *partial* (a small `[bq, bk]` boolean tile) or *hidden*
+(skipped, so a sliding window costs O(T * w) and a sparse pattern costs its density). Consecutive
+full key blocks are fused into one call. Each call is PyTorch's fused CPU/GPU attention kernel
+(blockwise itself, returning the log-sum-exp), and the calls of a query block are merged exactly
+through the lse (`merge.py`). Peak extra memory is one query block's output/lse plus one key tile.
+
+Fast paths:
+- plain causal prefill (no window, sinks, pattern): the fused kernel with `is_causal=True` over the
+  prefix (full) plus the diagonal square, so its speed is the kernel's;
+- small Tq (decode): one query block spanning all queries, key runs unsplit: one or two calls, no
+  Python loop over blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .merge import merge_attention
+from .patterns import BlockPattern
+
+__all__ = ["attention", "DEFAULT_CHUNK", "SMALL_TQ"]
+
+DEFAULT_CHUNK = 256
+SMALL_TQ = 16  # at or below this many queries: one query block, no loop over key blocks
+
+
+@dataclass(frozen=True)
+class _Spec:
+    causal: bool
+    q_offset: int
+    window: int | None
+    sinks: int
+    pattern: BlockPattern | None
+    scale: float
+    tk: int
+
+    @property
+    def plain(self) -> bool:
+        return self.window is None and self.pattern is None
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """Keys `[j0, j1)` for one query block; `mask` `[bq, j1 - j0]` bool, or None when all visible."""
+
+    j0: int
+    j1: int
+    mask: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------- the kernel
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool = False,
+           attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention returning (out, lse); q `[B, H, Tq, D]`, k/v `[B, H, Tk, D]` (same H)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    return _matmul_attention(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool,
+                      attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable tile: scores, softmax, values (used off CPU, where no lse-returning kernel is public)."""
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if is_causal:
+        tq, tk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(tq, tk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask.float()
+    lse = torch.logsumexp(s, dim=-1)
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - lse_safe[..., None])
+    return (p.to(v.dtype) @ v), lse
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype, g: int) -> torch.Tensor:
+    """Bool `[bq, L]` -> additive `[G * bq, L]` in `dtype` (0 visible, -inf hidden)."""
+    add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return add.repeat(g, 1) if g > 1 else add
+
+
+# --------------------------------------------------------------------------------------- the plan
+def _tile_mask(spec: _Spec, p0: int, p1: int, j0: int, j1: int, device: torch.device) -> torch.Tensor:
+    """Token-level visibility `[p1 - p0, j1 - j0]` for absolute query positions and key indices."""
+    p = torch.arange(p0, p1, device=device)[:, None]
+    j = torch.arange(j0, j1, device=device)[None, :]
+    if spec.plain:
+        m = torch.ones(p1 - p0, j1 - j0, dtype=torch.bool, device=device)
+    else:
+        m = torch.zeros(p1 - p0, j1 - j0, dtype=torch.bool, device=device)
+        if spec.window is not None:
+            m |= (j > p - spec.window) & (j <= p)
+        if spec.sinks:
+            m |= j < spec.sinks
+        if spec.pattern is not None:
+            m |= spec.pattern.token_mask(p[:, 0].cpu(), j[0].cpu()).to(device)
+    if spec.causal:
+        m &= j <= p
+    return m
+
+
+def _classify(spec: _Spec, p0: int, p1: int, bk: int) -> list[int]:
+    """Per key block of size `bk`: 2 full, 1 partial, 0 hidden, for queries at `[p0, p1)`."""
+    nkb = -(-spec.tk // bk)
+    j0 = torch.arange(nkb) * bk
+    j1 = torch.clamp(j0 + bk, max=spec.tk)
+    last = p1 - 1
+    if spec.plain:
+        full = torch.ones(nkb, dtype=torch.bool)
+        anyv = torch.ones(nkb, dtype=torch.bool)
+    else:
+        full = torch.zeros(nkb, dtype=torch.bool)
+        anyv = torch.zeros(nkb, dtype=torch.bool)
+        if spec.window is not None:
+            w = spec.window
+            full |= (j0 >= last - w + 1) & (j1 - 1 <= p0)
+            anyv |= (j1 - 1 > p0 - w) & (j0 <= last)
+        if spec.sinks:
+            full |= j1 <= spec.sinks
+            anyv |= j0 < spec.sinks
+        if spec.pattern is not None:
+            bs = spec.pattern.block_size
+            qbs = torch.arange(p0 // bs, last // bs + 1) if p1 > p0 else torch.zeros(0, dtype=torch.long)
+            admitted = spec.pattern.block_mask(qbs, -(-spec.tk // bs))  # [nqb, nkb_pattern]
+            # key block kb of size bk covers pattern blocks [j0 // bs, (j1 - 1) // bs]
+            pat_any_cols = admitted.any(0)
+            pat_all_cols = admitted.all(0)
+            kb_first, kb_last = j0 // bs, (j1 - 1) // bs
+            cum_any = torch.cat([torch.zeros(1, dtype=torch.long), pat_any_cols.long().cumsum(0)])
+            cum_all = torch.cat([torch.zeros(1, dtype=torch.long), pat_all_cols.long().cumsum(0)])
+            span = kb_last - kb_first + 1
+            anyv |= (cum_any[kb_last + 1] - cum_any[kb_first]) > 0
+            full |= (cum_all[kb_last + 1] - cum_all[kb_first]) == span
+    if spec.causal:
+        full &= j1 - 1 <= p0
+        anyv &= j0 <= last
+    return (anyv.long() + (full & anyv).long()).tolist()
+
+
+def _segments(spec: _Spec, p0: int, p1: int, bk: int, device: torch.device,
+              split_full: int | None = None) -> list[_Segment]:
+    """Key segments for queries at `[p0, p1)`: fused runs of full blocks and masked partial blocks."""
+    segs: list[_Segment] = []
+    run_start: int | None = None
+    for kb, c in enumerate(_classify(spec, p0, p1, bk)):
+        j0, j1 = kb * bk, min((kb + 1) * bk, spec.tk)
+        if c == 2:
+            if run_start is None:
+                run_start = j0
+            if split_full is not None and j1 - run_start >= split_full:
+                segs.append(_Segment(run_start, j1, None))
+                run_start = None
+            continue
+        if run_start is not None:
+            segs.append(_Segment(run_start, j0, None))
+            run_start = None
+        if c == 1:
+            m = _tile_mask(spec, p0, p1, j0, j1, device)
+            if m.any():
+                segs.append(_Segment(j0, j1, m))
+    if run_start is not None:
+        segs.append(_Segment(run_start, spec.tk, None))
+    return segs
+
+
+# ------------------------------------------------------------------------------------- query blocks
+def _group(qb: torch.Tensor, hkv: int) -> torch.Tensor:
+    """`[B, Hq, bq, D]` -> `[B, Hkv, G * bq, D]` (query heads of one KV head side by side)."""
+    b, hq, bq, d = qb.shape
+    return qb.reshape(b, hkv, (hq // hkv) * bq, d)
+
+
+def _ungroup(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """`[B, Hkv, G * bq, ...]` -> `[B, Hq, bq, ...]`."""
+    b, hkv, gbq = x.shape[:3]
+    return x.reshape(b, hq, gbq // (hq // hkv), *x.shape[3:])
+
+
+def _query_block(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, segs: list[_Segment],
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query block `[B, Hq, bq, D]` over its segments -> (out, lse `[B, Hq, bq]`)."""
+    b, hq, bq, d = qb.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = _group(qb, hkv)
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    for seg in segs:
+        ks, vs = k[:, :, seg.j0:seg.j1], v[:, :, seg.j0:seg.j1]
+        if seg.mask is None:
+            o, l = _fused(qg, ks, vs, scale=spec.scale)
+        else:
+            o, l = _fused(qg, ks, vs, scale=spec.scale, attn_mask=_additive(seg.mask, qb.dtype, g))
+            empty = ~seg.mask.any(1)
+            if bool(empty.any()):  # the kernel reports lse 0 for rows with no visible key
+                l = l.masked_fill(empty.repeat(g), float("-inf"))
+        if out is None:  # accumulate in fp32 even for bf16/fp16 inputs
+            out, lse = (o if o.dtype == torch.float64 else o.float()), l
+        else:
+            out, lse = merge_attention(out, lse, o, l)
+    if out is None:
+        return qb.new_zeros(qb.shape), torch.full((b, hq, bq), float("-inf"), device=qb.device,
+                                                  dtype=torch.float64 if qb.dtype == torch.float64 else torch.float32)
+    lse_dtype = torch.float64 if qb.dtype == torch.float64 else torch.float32
+    return _ungroup(out, hq).to(qb.dtype), _ungroup(lse, hq).to(lse_dtype)
+
+
+def _causal_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain causal, q_offset >= 0: keys before the queries are all visible; the diagonal is causal."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    off = spec.q_offset
+    diag_end = min(spec.tk, off + tq)
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if off > 0:
+        o, l = _fused(_group(q, hkv), k[:, :, :off], v[:, :, :off], scale=spec.scale)
+        parts.append((_ungroup(o, hq), _ungroup(l, hq)))
+    if diag_end > off:
+        parts.append(_causal_square(q, k[:, :, off:diag_end], v[:, :, off:diag_end], spec.scale))
+    if not parts:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_zeros(q.shape), torch.full((b, hq, tq), float("-inf"), dtype=lse_dtype, device=q.device)
+    out, lse = parts[0]
+    for o, l in parts[1:]:
+        out, lse = merge_attention(out, lse, o, l)
+    return out, lse
+
+
+def _causal_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal (top-left aligned) fused call with GQA: the KV head is broadcast with a zero stride."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    if g == 1:
+        return _fused(q, k, v, scale=scale, is_causal=True)
+    outs, lses = [], []
+    for i in range(b):  # [G, Hkv, T, D] views: query heads regrouped, K/V expanded without a copy
+        qi = q[i].reshape(hkv, g, tq, d).transpose(0, 1)
+        ki = k[i].unsqueeze(0).expand(g, *k.shape[1:])
+        vi = v[i].unsqueeze(0).expand(g, *v.shape[1:])
+        o, l = _fused(qi, ki, vi, scale=scale, is_causal=True)
+        outs.append(o.transpose(0, 1).reshape(hq, tq, d))
+        lses.append(l.transpose(0, 1).reshape(hq, tq))
+    return torch.stack(outs), torch.stack(lses)
+
+
+# ------------------------------------------------------------------------------------------ key mass
+def _key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, spec: _Spec, bq: int, bk: int
+              ) -> torch.Tensor:
+    """Per query head, the probability each key received summed over queries: `[B, Hq, Tk]`.
+
+    A second blockwise pass with the final lse: `exp(q.k * scale - lse)` over visible tiles only.
+    """
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mass = torch.zeros(b, hkv, g, spec.tk, dtype=work, device=q.device)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(work)
+    for i0, i1 in _query_ranges(spec.q_offset, tq, bq):
+        p0, p1 = spec.q_offset + i0, spec.q_offset + i1
+        qg = _group(q[:, :, i0:i1], hkv).to(work)
+        lg = _group(lse_safe[:, :, i0:i1, None], hkv)  # [B, Hkv, G*bq, 1]
+        for seg in _segments(spec, p0, p1, bk, q.device, split_full=bk):
+            s = qg @ k[:, :, seg.j0:seg.j1].to(work).transpose(-1, -2) * spec.scale
+            p = torch.exp(s - lg)  # rows with no key: exp(-inf) = 0
+            if seg.mask is not None:
+                p = p.masked_fill(~seg.mask.repeat(g, 1), 0.0)
+            mass[..., seg.j0:seg.j1] += p.reshape(b, hkv, g, i1 - i0, -1).sum(3)
+    return mass.reshape(b, hq, spec.tk)
+
+
+def _query_ranges(q_offset: int, tq: int, bq: int) -> list[tuple[int, int]]:
+    """Query index ranges whose absolute positions are aligned to multiples of `bq`."""
+    if tq <= SMALL_TQ:
+        return [(0, tq)] if tq else []
+    bounds = [0]
+    first = (-q_offset) % bq or bq
+    i = min(first, tq)
+    while i < tq:
+        bounds.append(i)
+        i += bq
+    bounds.append(tq)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# -------------------------------------------------------------------------------------- public API
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, q_offset: int = 0,
+              window: int | None = None, sinks: int = 0, pattern: BlockPattern | None = None,
+              scale: float | None = None, chunk_size: int | None = None, return_lse: bool = False,
+              return_key_mass: bool = False, checkpoint: bool = False):
+    """Exact attention of q `[B, Hq, Tq, D]` over k/v `[B, Hkv, Tk, D]` (Hq a multiple of Hkv).
+
+    Query `i` sits at absolute position `q_offset + i`, key `j` at `j`. `causal`: keys `j <= pos`;
+    `window=w`: keys in `(pos - w, pos]`; `sinks=s`: keys `j < s` stay visible as well; `pattern`: a
+    block pattern (`patterns.py`) united with window and sinks. Causality intersects everything.
+
+    `chunk_size` is the query/key block size (default 256; a pattern uses its own `block_size`).
+    `checkpoint=True` recomputes each query block in backward (`torch.utils.checkpoint`).
+
+    Returns `out` `[B, Hq, Tq, D]` in q's dtype, or `(out, lse?, key_mass?)` with the requested
+    extras: lse `[B, Hq, Tq]` and key_mass `[B, Hq, Tk]` (per query head, the attention probability
+    each key received summed over this call's queries; sum the G heads of a KV head for a per-KV-head
+    score), both fp32 (fp64 for fp64 inputs). A query that sees no key gets out 0 and lse -inf.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, Hq, Tq, D] and k, v [B, Hkv, Tk, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d or hq % hkv:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree (batch, head dim, or Hq % Hkv)")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be >= 0, got {sinks}")
+    spec = _Spec(causal=causal, q_offset=q_offset, window=window, sinks=sinks if window or pattern else 0,
+                 pattern=pattern, scale=1.0 / math.sqrt(d) if scale is None else float(scale), tk=tk)
+    if pattern is not None:
+        bq = bk = pattern.block_size
+    else:
+        bq = bk = chunk_size or DEFAULT_CHUNK
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+    if tq == 0 or tk == 0:
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_zeros(q.shape)
+        lse = torch.full((b, hq, tq), float("-inf"), dtype=lse_dtype, device=q.device)
+    elif spec.plain and causal and q_offset >= 0 and tq > SMALL_TQ and not checkpoint:
+        out, lse = _causal_prefix(q, k, v, spec)
+    elif spec.plain and not causal:
+        o, l = _fused(_group(q, hkv), k, v, scale=spec.scale)
+        out, lse = _ungroup(o, hq), _ungroup(l, hq)
+    else:
+        out, lse = _blocks(q, k, v, spec, bq, bk, checkpoint and grad)
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    extras: list[torch.Tensor] = []
+    if return_lse:
+        extras.append(lse)
+    if return_key_mass:
+        with torch.no_grad():
+            extras.append(_key_mass(q.detach(), k.detach(), lse.detach(), spec, bq, bk))
+    return (out, *extras) if extras else out
+
+
+def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: int, bk: int,
+            use_checkpoint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    outs, lses = [], []
+    small = q.shape[2] <= SMALL_TQ
+    for i0, i1 in _query_ranges(spec.q_offset, q.shape[2], bq):
+        p0, p1 = spec.q_offset + i0, spec.q_offset + i1
+        # small Tq: key runs stay whole (one call per run); otherwise full runs are fused too
+        if small and spec.pattern is None:
+            segs = _split_small(spec, p0, p1, q.device)
+        else:
+            segs = _segments(spec, p0, p1, bk, q.device)
+        if use_checkpoint:
+            o, l = _checkpoint(_query_block, q[:, :, i0:i1], k, v, spec, segs, use_reentrant=False)
+        else:
+            o, l = _query_block(q[:, :, i0:i1], k, v, spec, segs)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _split_small(spec: _Spec, p0: int, p1: int, device: torch.device) -> list[_Segment]:
+    """Decode-sized query block: the sink run and the window/causal run as (at most) two calls."""
+    last = p1 - 1
+    hi = min(spec.tk, last + 1) if spec.causal or spec.window is not None else spec.tk
+    lo = 0 if spec.window is None else max(0, p0 - spec.window + 1)
+    runs = []
+    if spec.sinks and lo > spec.sinks:
+        runs.append((0, min(spec.sinks, hi)))
+        runs.append((lo, hi))
+    else:
+        runs.append((0 if spec.sinks else lo, hi))
+    segs = []
+    for j0, j1 in runs:
+        if j1 <= j0:
+            continue
+        if _run_is_full(spec, p0, p1, j0, j1):
+            segs.append(_Segment(j0, j1, None))
+            continue
+        m = _tile_mask(spec, p0, p1, j0, j1, device)
+        if bool(m.any()):
+            segs.append(_Segment(j0, j1, m))
+    return segs
+
+
+def _run_is_full(spec: _Spec, p0: int, p1: int, j0: int, j1: int) -> bool:
+    """Whether every query at `[p0, p1)` sees every key in `[j0, j1)` (no pattern)."""
+    if spec.causal and j1 - 1 > p0:
+        return False
+    if spec.plain:
+        return True
+    in_window = spec.window is not None and j0 >= p1 - spec.window and j1 - 1 <= p0
+    return in_window or j1 <= spec.sinks
