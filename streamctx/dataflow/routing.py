@@ -19,8 +19,8 @@ def key_group(session_id: str, key_groups: int = 128) -> int:
     return int.from_bytes(digest, "little") % key_groups
 
 
-def replica_of(group: int, key_groups: int, replicas: int) -> int:
-    """The replica owning `group`: contiguous ranges, `group * replicas // key_groups`."""
+def replica_of(group: int | np.ndarray, key_groups: int, replicas: int) -> int | np.ndarray:
+    """The replica owning `group` (an int or an int array): contiguous ranges of groups."""
     return group * replicas // key_groups
 
 

@@ -1,0 +1,246 @@
+"""Keyed stages and the host that runs one replica of one (DESIGN.md contracts 7 and 9).
+
+A stage is any object with `process(batch: pa.RecordBatch) -> pa.RecordBatch | None`, optionally
+`end_session(session_id)`, `session_bytes() -> dict[str, int]` and `close()`. A `StageHost` wraps
+one replica of it with the session lifecycle: it ends a session's state in the stage on an `end`
+record, when the segment stage marks a new incarnation (`_fresh`, after an idle TTL), and when a
+session has been idle past the TTL; it dead-letters the batch when the stage raises; it accounts
+live sessions and their bytes. The same host runs in-process (local runner) and inside a Ray actor.
+
+The built-in `SegmentStage` is the lifecycle authority: turn order, duplicates, idle TTLs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streamctx.dataflow.records import CORE_NAMES, dead_row
+from streamctx.spec import SessionsSpec
+
+
+@dataclass
+class Envelope:
+    """What travels between stages: one Arrow batch (or None when everything was dropped) plus
+    the dead-letter rows produced upstream, so they reach the driver in order with the batch."""
+
+    batch: Optional[pa.RecordBatch]
+    dead: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Live:
+    last_seq: int
+    last_t: float
+
+
+class SegmentStage:
+    """Per-session turn order and lifecycle.
+
+    For each record, in arrival order: a session idle past the TTL is ended first; a turn at or
+    below the session's last processed turn is dead-lettered as a duplicate; otherwise the record
+    passes with `_fresh` set when it starts a new session incarnation. An `end` record ends it.
+    """
+
+    name = "segment"
+
+    def __init__(self, sessions: SessionsSpec) -> None:
+        self.ttl_records = sessions.idle_ttl_records
+        self.ttl_s = sessions.idle_ttl_s
+        self.last_turn: dict[str, int] = {}
+        self.ended = {"end": 0, "ttl": 0, "close": 0}
+
+    def process_envelope(self, batch: pa.RecordBatch, live: "OrderedDict[str, _Live]", now: float
+                         ) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]]]:
+        sids = batch.column("session_id").to_pylist()
+        turns = batch.column("turn").to_pylist()
+        seqs = batch.column("_seq").to_pylist()
+        ends = batch.column("end").to_pylist()
+        offsets = batch.column("_offset").to_pylist()
+        keep: list[int] = []
+        fresh: list[bool] = []
+        dead: list[dict[str, Any]] = []
+        for i, sid in enumerate(sids):
+            st = live.get(sid)
+            if st is not None and self._expired(st, seqs[i], now):
+                self._end(sid, live, "ttl")
+                st = None
+            last = self.last_turn.get(sid, -1)
+            if turns[i] <= last:
+                dead.append(dead_row(offsets[i], f"duplicate turn {turns[i]} (last processed turn {last})",
+                                     stage=self.name, session_id=sid, turn=turns[i]))
+                continue
+            keep.append(i)
+            fresh.append(st is None)
+            self.last_turn[sid] = turns[i]
+            live[sid] = _Live(seqs[i], now)
+            live.move_to_end(sid)
+            if ends[i]:
+                self._end(sid, live, "end")
+        if not keep:
+            return None, dead
+        out = batch.take(pa.array(keep, type=pa.int64()))
+        return out.append_column("_fresh", pa.array(fresh, type=pa.bool_())), dead
+
+    def _expired(self, st: _Live, seq: int, now: float) -> bool:
+        return (self.ttl_records is not None and seq - st.last_seq > self.ttl_records) or (
+            self.ttl_s is not None and now - st.last_t > self.ttl_s)
+
+    def _end(self, sid: str, live: "OrderedDict[str, _Live]", why: str) -> None:
+        live.pop(sid, None)
+        self.last_turn.pop(sid, None)
+        self.ended[why] += 1
+
+    def end_session(self, session_id: str) -> None:
+        self.last_turn.pop(session_id, None)
+
+    def session_bytes(self) -> dict[str, int]:
+        return {}
+
+
+class StageHost:
+    """One replica of one stage with the session lifecycle around it."""
+
+    def __init__(self, name: str, stage: Any, sessions: SessionsSpec) -> None:
+        self.name = name
+        self.stage = stage
+        self.sessions = sessions
+        self.live: "OrderedDict[str, _Live]" = OrderedDict()
+        self.ended = {"end": 0, "ttl": 0, "close": 0}
+        self.peak_live = 0
+        self.peak_bytes = 0
+        self.calls = 0
+        self.records = 0
+        self.busy_s = 0.0
+        self.errors = 0
+        self._has_end = callable(getattr(stage, "end_session", None))
+        self._has_bytes = callable(getattr(stage, "session_bytes", None))
+
+    # --- the data path ---------------------------------------------------------------------------
+
+    def step(self, env: Envelope) -> Envelope:
+        if env.batch is None or env.batch.num_rows == 0:
+            return Envelope(None, env.dead)
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        batch = env.batch
+        self.calls += 1
+        self.records += batch.num_rows
+        dead = list(env.dead)
+        if isinstance(self.stage, SegmentStage):
+            out, more = self.stage.process_envelope(batch, self.live, now)
+            dead += more
+            self._sweep(batch, now)
+        else:
+            self._before(batch, now)
+            try:
+                out = self.stage.process(batch)
+            except Exception as exc:  # a user stage's failure dead-letters its batch; the job goes on
+                self.errors += 1
+                out = None
+                dead += _dead_batch(batch, self.name, f"stage {self.name!r} raised {type(exc).__name__}: {exc}")
+            if out is not None:
+                out = _reattach(batch, out)
+            self._after(batch, now)
+        self._account()
+        self.busy_s += time.perf_counter() - t0
+        return Envelope(out if out is not None and out.num_rows else None, dead)
+
+    def _before(self, batch: pa.RecordBatch, now: float) -> None:
+        if "_fresh" not in batch.schema.names:
+            return
+        sids = batch.column("session_id").to_pylist()
+        for sid, fresh in zip(sids, batch.column("_fresh").to_pylist()):
+            if fresh and sid in self.live:  # the segment stage ended the old incarnation (idle TTL)
+                self._end(sid, "ttl")
+        seqs = batch.column("_seq").to_pylist()
+        for sid, seq in zip(sids, seqs):
+            self.live[sid] = _Live(seq, now)
+            self.live.move_to_end(sid)
+
+    def _after(self, batch: pa.RecordBatch, now: float) -> None:
+        if "end" in batch.schema.names:
+            mask = batch.column("end")
+            if pc.any(mask).as_py():
+                for sid in pc.filter(batch.column("session_id"), mask).to_pylist():
+                    if sid in self.live:
+                        self._end(sid, "end")
+        self._sweep(batch, now)
+
+    def _sweep(self, batch: pa.RecordBatch, now: float) -> None:
+        """End sessions idle past the TTL (oldest first: `live` is kept in last-seen order)."""
+        ttl_r, ttl_s = self.sessions.idle_ttl_records, self.sessions.idle_ttl_s
+        if ttl_r is None and ttl_s is None:
+            return
+        max_seq = pc.max(batch.column("_seq")).as_py()
+        while self.live:
+            sid, st = next(iter(self.live.items()))
+            if (ttl_r is not None and max_seq - st.last_seq > ttl_r) or (ttl_s is not None and now - st.last_t > ttl_s):
+                self._end(sid, "ttl")
+            else:
+                break
+
+    def _end(self, sid: str, why: str) -> None:
+        self.live.pop(sid, None)
+        if isinstance(self.stage, SegmentStage):
+            self.stage.last_turn.pop(sid, None)
+        elif self._has_end:
+            self.stage.end_session(sid)
+        self.ended[why] += 1
+
+    def _account(self) -> None:
+        self.peak_live = max(self.peak_live, len(self.live))
+        if self._has_bytes:
+            self.peak_bytes = max(self.peak_bytes, sum(self.stage.session_bytes().values()))
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        seg_ended = self.stage.ended if isinstance(self.stage, SegmentStage) else None
+        ended = {k: self.ended[k] + (seg_ended[k] if seg_ended else 0) for k in self.ended}
+        return {
+            "stage": self.name,
+            "live": len(self.live),
+            "bytes": sum(self.stage.session_bytes().values()) if self._has_bytes else 0,
+            "peak_live": self.peak_live,
+            "peak_bytes": self.peak_bytes,
+            "ended": ended,
+            "calls": self.calls,
+            "records": self.records,
+            "busy_s": self.busy_s,
+            "errors": self.errors,
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """End every session still live (the stream is over) and report."""
+        for sid in list(self.live):
+            self._end(sid, "close")
+        if callable(getattr(self.stage, "close", None)):
+            self.stage.close()
+        return self.stats()
+
+
+def _reattach(inp: pa.RecordBatch, out: pa.RecordBatch) -> pa.RecordBatch:
+    """Keep the routing/lifecycle columns a user stage dropped (when it kept the rows)."""
+    if out.num_rows != inp.num_rows:
+        return out
+    for name in CORE_NAMES + ["_fresh"]:
+        if name in inp.schema.names and name not in out.schema.names:
+            out = out.append_column(inp.schema.field(name), inp.column(name))
+    return out
+
+
+def _dead_batch(batch: pa.RecordBatch, stage: str, reason: str) -> list[dict[str, Any]]:
+    names = batch.schema.names
+    offs = batch.column("_offset").to_pylist() if "_offset" in names else [None] * batch.num_rows
+    sids = batch.column("session_id").to_pylist() if "session_id" in names else [None] * batch.num_rows
+    turns = batch.column("turn").to_pylist() if "turn" in names else [None] * batch.num_rows
+    return [dead_row(o, reason, stage=stage, session_id=s, turn=t) for o, s, t in zip(offs, sids, turns)]
+
+
+StageFactory = Callable[[], Any]
