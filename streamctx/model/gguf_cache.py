@@ -54,6 +54,18 @@ class GGUFCache:
     def entry(self, path: Path) -> Path:
         return self.root / f"{cache_key(path)}.safetensors"
 
+    def load_tokenizer(self, path: Path) -> Tokenizer | None:
+        """The cached tokenizer of `path` (reads only the entry's header), or None."""
+        entry = self.entry(path)
+        if not entry.is_file():
+            return None
+        try:
+            with safe_open(str(entry), framework="pt") as f:
+                meta = f.metadata() or {}
+            return _tokenizer_from_meta(meta) if meta.get("format") == CACHE_FORMAT else None
+        except Exception:
+            return None
+
     def load(self, path: Path) -> GGUFContents | None:
         """The cached contents of `path`, or None when there is no valid entry (a corrupt one is ignored
         and rewritten by the caller)."""
@@ -69,9 +81,7 @@ class GGUFCache:
             config_dict = json.loads(meta["config"])
             config_dict["eos_token_ids"] = tuple(config_dict["eos_token_ids"])
             config = LlamaConfig(**config_dict)
-            settings_dict = json.loads(meta["tokenizer_settings"])
-            settings_dict["eos_token_ids"] = tuple(settings_dict["eos_token_ids"])
-            tokenizer = Tokenizer.from_json_str(meta["tokenizer"], TokenizerSettings(**settings_dict))
+            tokenizer = _tokenizer_from_meta(meta)
         except Exception:
             # safetensors raises its own error type on damaged files; any damage means "recompute".
             return None
@@ -108,3 +118,9 @@ class GGUFCache:
             Path(tmp).unlink(missing_ok=True)
             raise
         return entry
+
+
+def _tokenizer_from_meta(meta: dict[str, str]) -> Tokenizer:
+    settings = json.loads(meta["tokenizer_settings"])
+    settings["eos_token_ids"] = tuple(settings["eos_token_ids"])
+    return Tokenizer.from_json_str(meta["tokenizer"], TokenizerSettings(**settings))

@@ -111,7 +111,7 @@ def _fields(reader: Any, path: Path) -> dict[str, Any]:
 
 def _f32(value: Any) -> float:
     """A float32 metadata value as the decimal it was written from (9.99999974e-06 -> 1e-05)."""
-    return float(repr(np.float32(value)))
+    return float(str(np.float32(value)))
 
 
 def _require(meta: dict[str, Any], key: str, path: Path) -> Any:
@@ -226,6 +226,18 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
         weights[name] = w.contiguous()
     validate_weights(weights, config, source=str(path))
     return GGUFContents(config, weights, tokenizer)
+
+
+def read_gguf_tokenizer(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
+    """Only the tokenizer of a GGUF file: from the weights cache header when cached, else from the
+    file's metadata (no dequantization)."""
+    from streamctx.model.gguf_cache import GGUFCache
+
+    path = Path(path)
+    cached = GGUFCache(cache_dir).load_tokenizer(path)
+    if cached is not None:
+        return cached
+    return _tokenizer(_fields(_open(path), path), path)
 
 
 def load_gguf_checkpoint(

@@ -32,6 +32,7 @@ __all__ = [
     "ModelLoadError",
     "SMOLLM2_INSTALL",
     "load_checkpoint",
+    "load_tokenizer",
     "resolve_smollm2_gguf",
 ]
 
@@ -90,12 +91,7 @@ def load_checkpoint(
     """
     if not dtype.is_floating_point:
         raise ModelLoadError(f"dtype must be a floating-point torch dtype, got {dtype}")
-    if str(name_or_path) == "smollm2":
-        path = resolve_smollm2_gguf()
-    else:
-        path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise ModelLoadError(f"no such model file or folder: {path} (or use the name 'smollm2')")
+    path = _resolve(name_or_path)
     if path.is_file():
         if path.suffix == ".gguf":
             from streamctx.model.gguf_file import load_gguf_checkpoint
@@ -110,6 +106,35 @@ def load_checkpoint(
     from streamctx.model.hf_folder import load_hf_checkpoint
 
     return load_hf_checkpoint(path, dtype=dtype)
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> "Tokenizer":
+    """Only the tokenizer of a model ("smollm2", a .gguf file, a HF folder or a tokenizer.json);
+    reads no weights."""
+    from streamctx.model.tokenizer import Tokenizer
+
+    path = _resolve(name_or_path)
+    if path.is_file() and path.suffix == ".gguf":
+        from streamctx.model.gguf_file import read_gguf_tokenizer
+
+        return read_gguf_tokenizer(path, cache_dir=cache_dir)
+    if path.is_file() and path.suffix == ".json" and path.name != "config.json":
+        return Tokenizer.from_file(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{folder}: no tokenizer.json")
+    return Tokenizer.from_file(folder / "tokenizer.json")
+
+
+def _resolve(name_or_path: str | os.PathLike[str]) -> Path:
+    if str(name_or_path) == "smollm2":
+        return resolve_smollm2_gguf()
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no such model file or folder: {path} (or use the name 'smollm2')")
+    return path
 
 
 _PICKLE_REFUSAL = (
