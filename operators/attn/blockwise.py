@@ -335,18 +335,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     else:
         bq = bk = chunk_size or DEFAULT_CHUNK
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-
-    if tq == 0 or tk == 0:
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = q.new_zeros(q.shape)
-        lse = torch.full((b, hq, tq), float("-inf"), dtype=lse_dtype, device=q.device)
-    elif spec.plain and causal and q_offset >= 0 and tq > SMALL_TQ and not checkpoint:
-        out, lse = _causal_prefix(q, k, v, spec)
-    elif spec.plain and not causal:
-        o, l = _fused(_group(q, hkv), k, v, scale=spec.scale)
-        out, lse = _ungroup(o, hq), _ungroup(l, hq)
+    if not grad:
+        out, lse = _forward(q, k, v, spec, bq, bk)
+    elif checkpoint:  # per query block: only the inputs are kept; the block is recomputed in backward
+        outs, lses = [], []
+        for i0, i1 in _query_ranges(q_offset, tq, bq):
+            sub = _shift(spec, i0)
+            o, l = _checkpoint(_Attention.apply, q[:, :, i0:i1], k, v, sub, bq, bk, use_reentrant=False)
+            outs.append(o)
+            lses.append(l)
+        out, lse = torch.cat(outs, dim=2), torch.cat(lses, dim=2)
     else:
-        out, lse = _blocks(q, k, v, spec, bq, bk, checkpoint and grad)
+        out, lse = _Attention.apply(q, k, v, spec, bq, bk)
     lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     extras: list[torch.Tensor] = []
     if return_lse:
@@ -358,7 +358,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: int, bk: int,
-            use_checkpoint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     outs, lses = [], []
     small = q.shape[2] <= SMALL_TQ
     for i0, i1 in _query_ranges(spec.q_offset, q.shape[2], bq):
@@ -368,10 +368,7 @@ def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: 
             segs = _split_small(spec, p0, p1, q.device)
         else:
             segs = _segments(spec, p0, p1, bk, q.device)
-        if use_checkpoint:
-            o, l = _checkpoint(_query_block, q[:, :, i0:i1], k, v, spec, segs, use_reentrant=False)
-        else:
-            o, l = _query_block(q[:, :, i0:i1], k, v, spec, segs)
+        o, l = _query_block(q[:, :, i0:i1], k, v, spec, segs)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
@@ -409,3 +406,88 @@ def _run_is_full(spec: _Spec, p0: int, p1: int, j0: int, j1: int) -> bool:
         return True
     in_window = spec.window is not None and j0 >= p1 - spec.window and j1 - 1 <= p0
     return in_window or j1 <= spec.sinks
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: int, bk: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward dispatch (no autograd): empty, plain causal prefill, plain full, or planned blocks."""
+    b, hq, tq, _ = q.shape
+    hkv = k.shape[1]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if tq == 0 or spec.tk == 0:
+        out = q.new_zeros(q.shape)
+        lse = torch.full((b, hq, tq), float("-inf"), dtype=lse_dtype, device=q.device)
+    elif spec.plain and spec.causal and spec.q_offset >= 0 and tq > SMALL_TQ:
+        out, lse = _causal_prefix(q, k, v, spec)
+    elif spec.plain and not spec.causal:
+        o, l = _fused(_group(q, hkv), k, v, scale=spec.scale)
+        out, lse = _ungroup(o, hq), _ungroup(l, hq)
+    else:
+        out, lse = _blocks(q, k, v, spec, bq, bk)
+    return out, lse.to(lse_dtype)
+
+
+def _shift(spec: _Spec, i0: int) -> _Spec:
+    """The spec of the query sub-range starting at query index `i0`."""
+    return _Spec(causal=spec.causal, q_offset=spec.q_offset + i0, window=spec.window, sinks=spec.sinks,
+                 pattern=spec.pattern, scale=spec.scale, tk=spec.tk)
+
+
+class _Attention(torch.autograd.Function):
+    """Exact attention with a FlashAttention-2 style blockwise backward.
+
+    The fused kernel's lse carries no gradient, and the lse merge needs one, so the whole operator
+    has its own backward: per query block and key tile (at most `[G * bq, bk]` scores), recompute
+    `P = exp(s - lse)` with the final lse, then `dV += P^T dO`, `dS = P * (dO V^T - rowsum(dO * O) + dlse)`,
+    `dQ += dS K * scale`, `dK += dS^T Q * scale`. Only q, k, v, out and lse are saved: O(T * D).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, bq, bk):  # type: ignore[override]
+        out, lse = _forward(q, k, v, spec, bq, bk)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.bq, ctx.bk = spec, bq, bk
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, g_out, g_lse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, g_out, g_lse, ctx.spec, ctx.bq, ctx.bk)
+        return dq, dk, dv, None, None, None
+
+
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              g_out: torch.Tensor | None, g_lse: torch.Tensor | None, spec: _Spec, bq: int, bk: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=work, device=q.device)
+    dk = torch.zeros(k.shape, dtype=work, device=k.device)
+    dv = torch.zeros(v.shape, dtype=work, device=v.device)
+    if g_out is None:
+        g_out = torch.zeros_like(out)
+    lse_safe = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse).to(work)
+    delta = (g_out.to(work) * out.to(work)).sum(-1)  # [B, Hq, Tq]
+    if g_lse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(delta), g_lse.to(work))
+    kw, vw = k.to(work), v.to(work)
+    for i0, i1 in _query_ranges(spec.q_offset, tq, bq):
+        p0, p1 = spec.q_offset + i0, spec.q_offset + i1
+        qg = _group(q[:, :, i0:i1], hkv).to(work)
+        dog = _group(g_out[:, :, i0:i1], hkv).to(work)
+        lg = _group(lse_safe[:, :, i0:i1, None], hkv)
+        dg = _group(delta[:, :, i0:i1, None], hkv)
+        dqg = torch.zeros_like(qg)
+        for seg in _segments(spec, p0, p1, bk, q.device, split_full=bk):
+            ks, vs = kw[:, :, seg.j0:seg.j1], vw[:, :, seg.j0:seg.j1]
+            p = torch.exp(qg @ ks.transpose(-1, -2) * spec.scale - lg)
+            if seg.mask is not None:
+                p = p.masked_fill(~seg.mask.repeat(g, 1), 0.0)
+            dv[:, :, seg.j0:seg.j1] += p.transpose(-1, -2) @ dog
+            ds = p * (dog @ vs.transpose(-1, -2) - dg)
+            dqg += ds @ ks
+            dk[:, :, seg.j0:seg.j1] += ds.transpose(-1, -2) @ qg
+        dq[:, :, i0:i1] = _ungroup(dqg, hq)
+    return (dq * spec.scale).to(q.dtype), (dk * spec.scale).to(k.dtype), dv.to(v.dtype)
