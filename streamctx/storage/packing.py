@@ -1,0 +1,55 @@
+"""A StateBlob as one contiguous uint8 buffer plus a small JSON-able header (for bulk moves).
+
+Used where state crosses process boundaries in bulk (Ray peer actors): numpy buffers pass through
+Ray's object store without pickling tensors. Round trips are bit-exact (dtype, shape and bytes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamctx.state import StateBlob, StateFormatError
+
+PACK_FORMAT = "streamctx.packed"
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise StateFormatError(f"packed state has unknown dtype {name!r}")
+    return dt
+
+
+def pack_blob(blob: StateBlob) -> tuple[dict[str, Any], np.ndarray]:
+    """(header, buffer): every tensor's bytes back to back in one uint8 array; one copy."""
+    entries = []
+    offset = 0
+    for name, t in blob.tensors.items():
+        n = t.numel() * t.element_size()
+        entries.append([name, str(t.dtype), list(t.shape), offset, n])
+        offset += n
+    buf = np.empty(offset, dtype=np.uint8)
+    flat = torch.from_numpy(buf)
+    for (name, _, _, off, n), t in zip(entries, blob.tensors.values()):
+        if n:
+            flat[off : off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    header = {"format": PACK_FORMAT, "kind": blob.kind, "meta": blob.meta, "tensors": entries}
+    return header, buf
+
+
+def unpack_blob(header: dict[str, Any], buf: np.ndarray) -> StateBlob:
+    """Inverse of `pack_blob`; the result owns fresh CPU tensors (one copy)."""
+    if header.get("format") != PACK_FORMAT:
+        raise StateFormatError(f"not a packed streamctx state (format={header.get('format')!r})")
+    data = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, dtype_name, shape, off, n in header["tensors"]:
+        dt = _dtype(dtype_name)
+        if off + n > data.size:
+            raise StateFormatError(f"packed state is truncated at tensor {name!r}")
+        raw = torch.from_numpy(data[off : off + n].copy())
+        tensors[name] = raw.view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
+    return StateBlob(header["kind"], tensors, dict(header["meta"]))
