@@ -23,7 +23,7 @@ def submit(args: argparse.Namespace) -> int:
     working_dir = Path(args.working_dir) if args.working_dir else None
     jobs.build_submission(spec, working_dir=working_dir)  # fail on a bad path before connecting
     client = _client(args)
-    job_id = jobs.submit(client, spec, working_dir=working_dir, job_id=args.job_id)
+    job_id = jobs.submit(client, spec, working_dir=working_dir, job_id=args.job_id, out=args.out)
     out.print(job_id, markup=False)
     if not args.wait:
         err.print(f"submitted; follow with: streamctx logs {job_id} --follow", markup=False)

@@ -34,7 +34,7 @@ class Submission:
     runtime_env: dict[str, Any]
 
 
-def build_submission(spec_path: Path, *, working_dir: Path | None = None) -> Submission:
+def build_submission(spec_path: Path, *, working_dir: Path | None = None, out: str | None = None) -> Submission:
     """The entrypoint and runtime_env for running `spec_path` on the cluster.
 
     The spec is addressed relative to the working_dir (the spec's folder by default), which Ray
@@ -50,7 +50,10 @@ def build_submission(spec_path: Path, *, working_dir: Path | None = None) -> Sub
         relative = spec_path.relative_to(root)
     except ValueError:
         raise CLIError(f"the job spec {spec_path} is not inside the working dir {root}") from None
-    entrypoint = shlex.join(["python", "-m", "streamctx", "run", relative.as_posix(), "--runner", "ray"])
+    argv = ["python", "-m", "streamctx", "run", relative.as_posix(), "--runner", "ray"]
+    if out:
+        argv += ["--out", out]
+    entrypoint = shlex.join(argv)
     return Submission(entrypoint=entrypoint, runtime_env={"working_dir": str(root)})
 
 
@@ -106,10 +109,15 @@ def _call(what: str, fn: Callable[[], Any]) -> Any:
 
 
 def submit(
-    client: JobSubmissionClient, spec_path: Path, *, working_dir: Path | None = None, job_id: str | None = None
+    client: JobSubmissionClient,
+    spec_path: Path,
+    *,
+    working_dir: Path | None = None,
+    job_id: str | None = None,
+    out: str | None = None,
 ) -> str:
     """Submit the job; returns its submission id."""
-    sub = build_submission(spec_path, working_dir=working_dir)
+    sub = build_submission(spec_path, working_dir=working_dir, out=out)
     return _call(
         "submit",
         lambda: client.submit_job(entrypoint=sub.entrypoint, runtime_env=sub.runtime_env, submission_id=job_id),
