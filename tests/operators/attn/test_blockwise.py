@@ -1,0 +1,159 @@
+"""Blockwise attention vs the dense reference: outputs, lse, key mass, gradients, low precision."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamctx.operators.attn import attention, blockwise, naive
+from tests.operators.attn._cases import Case, case_st
+from tests.tolerances import assert_close, assert_lowp_close
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(lse, neginf=-1e30)
+
+
+@given(case=case_st(), dtype=st.sampled_from([torch.float64, torch.float32]))
+def test_matches_dense_reference(case: Case, dtype: torch.dtype) -> None:
+    q, k, v = case.tensors(dtype)
+    out, lse, mass = attention(q, k, v, **case.kwargs(), return_lse=True, return_key_mass=True)
+    r_out, r_lse, r_mass = naive.attention(q, k, v, **case.kwargs(), return_lse=True, return_key_mass=True)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.shape == q.shape[:3] and mass.shape == (case.b, q.shape[1], case.tk)
+    assert_close(out, r_out)
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse)), "queries with no visible key differ"
+    assert_close(_finite(lse), _finite(r_lse), dtype=dtype)
+    assert_close(mass, r_mass, dtype=dtype)
+
+
+@given(case=case_st(max_len=37), checkpoint=st.booleans())
+def test_gradients_match_reference(case: Case, checkpoint: bool) -> None:
+    q, k, v = (t.requires_grad_() for t in case.tensors(torch.float64, seed=1))
+    out, lse = attention(q, k, v, **case.kwargs(), return_lse=True, checkpoint=checkpoint)
+    r_out, r_lse = naive.attention(q, k, v, **case.kwargs(), return_lse=True)
+    gen = torch.Generator().manual_seed(2)
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    g_lse = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+    seen = torch.isfinite(r_lse)
+
+    def loss(o: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+        return (o * g_out).sum() + (l[seen] * g_lse[seen]).sum()
+
+    ours = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref = torch.autograd.grad(loss(r_out, r_lse), (q, k, v))
+    for name, a, b in zip("qkv", ours, ref):
+        assert_close(a, b, msg=f"d{name}")
+
+
+def test_checkpoint_gradients_equal_plain_ones() -> None:
+    case = Case(b=1, hkv=2, groups=3, tq=53, tk=61, d=8, q_offset=8, causal=True, window=9, sinks=2,
+                pattern=None, chunk=8)
+    grads = []
+    for ckpt in (False, True):
+        q, k, v = (t.requires_grad_() for t in case.tensors(torch.float64, seed=3))
+        attention(q, k, v, **case.kwargs(), checkpoint=ckpt).square().sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for a, b in zip(*grads):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@given(case=case_st(patterns_too=False))
+@settings(max_examples=10)
+def test_low_precision_bounded_by_torch_error(case: Case, dtype: torch.dtype) -> None:
+    q, k, v = case.tensors(torch.float32, seed=4)
+    ref = naive.attention(q, k, v, **case.kwargs())
+    ours = attention(*(t.to(dtype) for t in (q, k, v)), **case.kwargs())
+    assert ours.dtype == dtype
+    # torch's own low-precision attention under the same mask (repeated K/V, explicit mask)
+    mask = naive.visible_mask(case.tq, case.tk, causal=case.causal, q_offset=case.q_offset,
+                              window=case.window, sinks=case.sinks)
+    g = case.groups
+    s = (q.to(dtype) @ k.to(dtype).repeat_interleave(g, 1).transpose(-1, -2)) * case.d ** -0.5
+    p = torch.softmax(s.float().masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0).to(dtype)
+    torch_lowp = p @ v.to(dtype).repeat_interleave(g, 1)
+    assert_lowp_close(ours, torch_lowp, ref, factor=3.0, floor=2e-3)
+
+
+@pytest.mark.parametrize("tq,tk,q_offset", [(1, 1, 0), (1, 300, 299), (8, 300, 292), (300, 300, 0),
+                                            (300, 500, 200), (257, 257, 0)])
+def test_plain_causal_paths(tq: int, tk: int, q_offset: int) -> None:
+    """Decode, small chunks after a cache and prefill (the fused-kernel fast paths) on larger sizes."""
+    case = Case(b=2, hkv=3, groups=3, tq=tq, tk=tk, d=16, q_offset=q_offset, causal=True, window=None,
+                sinks=0, pattern=None, chunk=64)
+    q, k, v = case.tensors(torch.float32, seed=5)
+    out, lse = attention(q, k, v, q_offset=q_offset, return_lse=True)
+    r_out, r_lse = naive.attention(q, k, v, q_offset=q_offset, return_lse=True)
+    assert_close(out, r_out)
+    assert_close(lse, r_lse)
+
+
+def test_empty_queries_and_keys() -> None:
+    q = torch.randn(1, 2, 3, 4)
+    k = torch.randn(1, 1, 0, 4)
+    out, lse = attention(q, k, k, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+    out, lse = attention(q[:, :, :0], torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4), return_lse=True)
+    assert out.shape == (1, 2, 0, 4) and lse.shape == (1, 2, 0)
+
+
+@pytest.mark.parametrize("bad", [dict(window=0), dict(sinks=-1)])
+def test_bad_arguments_are_named(bad: dict) -> None:
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        attention(q, q, q, **bad)
+    with pytest.raises(ValueError, match="Hq % Hkv"):
+        attention(torch.randn(1, 3, 3, 4), q, q)
+
+
+def test_sliding_window_skips_hidden_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every fused call of a sliding window sees at most w + 2 * chunk keys, the total score work is
+    O(T * w) (not O(T^2)), and masked tiles never exceed [G * chunk, chunk]."""
+    t, w, chunk, g = 4096, 256, 128, 3
+    calls: list[tuple[int, int, bool]] = []
+    fused = blockwise._fused
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2], kw.get("attn_mask") is not None))
+        return fused(q, k, v, **kw)
+
+    monkeypatch.setattr(blockwise, "_fused", spy)
+    q = torch.randn(1, g, t, 16)
+    k = torch.randn(1, 1, t, 16)
+    attention(q, k, k, window=w, chunk_size=chunk)
+    assert max(keys for _, keys, _ in calls) <= w + 2 * chunk
+    assert all(rows <= g * chunk and keys <= chunk for rows, keys, masked in calls if masked)
+    work = sum(rows * keys for rows, keys, _ in calls)
+    assert work <= g * t * (w + 2 * chunk), f"score work {work} is not O(T * w)"
+
+
+def test_sliding_window_is_linear_in_length() -> None:
+    """T = 16K with w = 256 finishes quickly and costs about 4x T = 4K (quadratic would be 16x)."""
+    def run(t: int) -> float:
+        q = torch.randn(1, 2, t, 32)
+        attention(q, q, q, window=256)
+        start = time.perf_counter()
+        attention(q, q, q, window=256)
+        return time.perf_counter() - start
+
+    short, long = run(4096), run(16384)
+    assert long < 8 * short + 0.05, f"T=16K took {long:.3f}s vs T=4K {short:.3f}s"
+    assert long < 5.0
+
+
+@pytest.mark.gpu
+@given(case=case_st(), dtype=st.sampled_from([torch.float32, torch.float64]))
+@settings(max_examples=10)
+def test_cuda_matches_reference(case: Case, dtype: torch.dtype) -> None:
+    q, k, v = case.tensors(dtype, device="cuda")
+    out, lse, mass = attention(q, k, v, **case.kwargs(), return_lse=True, return_key_mass=True)
+    r_out, r_lse, r_mass = naive.attention(q, k, v, **case.kwargs(), return_lse=True, return_key_mass=True)
+    assert out.device.type == "cuda"
+    assert_close(out, r_out)
+    assert_close(_finite(lse), _finite(r_lse), dtype=dtype)
+    assert_close(mass, r_mass, dtype=dtype)
