@@ -1,8 +1,10 @@
-"""Small functional pieces shared by the decoders."""
+"""Small pieces shared by the decoders: RMSNorm and a consuming weight reader."""
 
 from __future__ import annotations
 
 import torch
+
+from streamctx.model.config import ModelLoadError
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -13,11 +15,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
-def take(weights: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """Pop a weight by Hugging Face name with a clear error if the checkpoint lacks it."""
-    from streamctx.model.config import ModelLoadError
+class Weights:
+    """Takes tensors out of a Hugging Face-named dict (freeing them from it as it goes, so a load
+    never holds two copies of the model), converted to the model's dtype and device."""
 
-    try:
-        return weights[name]
-    except KeyError:
-        raise ModelLoadError(f"checkpoint is missing tensor {name!r}") from None
+    def __init__(self, weights: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device,
+                 source: str = "checkpoint") -> None:
+        self._w = weights
+        self.dtype = dtype
+        self.device = device
+        self.source = source
+
+    def take(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        try:
+            t = self._w.pop(name)
+        except KeyError:
+            raise ModelLoadError(f"{self.source}: missing tensor {name!r}") from None
+        if shape is not None and tuple(t.shape) != shape:
+            raise ModelLoadError(
+                f"{self.source}: tensor {name!r} has shape {list(t.shape)}, but the config expects {list(shape)}"
+            )
+        return t.to(device=self.device, dtype=dtype or self.dtype)
+
+    def maybe(self, name: str, present: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+        return self.take(name, shape) if present else None
+
+    def finish(self) -> None:
+        """Every tensor must have been used: leftovers mean the config does not match the weights."""
+        if self._w:
+            names = sorted(self._w)
+            more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+            raise ModelLoadError(
+                f"{self.source}: tensors not used by a model with this config: {', '.join(names[:5])}{more}"
+            )

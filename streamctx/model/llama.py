@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from streamctx.kv.apply import apply_policy
 from streamctx.kv.cache import SessionKV
 from streamctx.kv.pool import BlockPool
-from streamctx.model.config import LlamaConfig, ModelLoadError
-from streamctx.model.functional import rms_norm, take
+from streamctx.model.config import LlamaConfig
+from streamctx.model.functional import Weights, rms_norm
 from streamctx.model.ops import attention
 from streamctx.model.rope import Rope, apply_rope, rerotate
 from streamctx.operators.policies.base import CachePolicy
@@ -43,59 +43,56 @@ class _Layer:
 
 
 class LlamaModel:
-    """A Llama-family decoder whose sessions hold a `SessionKV` in the model's `BlockPool`."""
+    """A Llama-family decoder whose sessions hold a `SessionKV` in the model's `BlockPool`.
+
+    `weights` (Hugging Face names) is consumed: tensors are popped as they are converted.
+    """
 
     kind = "llama"
 
     def __init__(self, config: LlamaConfig, weights: dict[str, torch.Tensor], *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 block_size: int = 64) -> None:
+                 block_size: int = 64, source: str = "checkpoint") -> None:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         c = config
         self.scale = c.head_dim ** -0.5
-        w = {k: t.to(device=self.device, dtype=dtype) for k, t in weights.items()}
-        self.embed = take(w, "model.embed_tokens.weight")  # [V, H]
-        if self.embed.shape != (c.vocab_size, c.hidden_size):
-            raise ModelLoadError(
-                f"model.embed_tokens.weight has shape {list(self.embed.shape)}, "
-                f"config expects {[c.vocab_size, c.hidden_size]}"
-            )
-        self.lm_head = self.embed if c.tie_word_embeddings else take(w, "lm_head.weight")
-        self.norm = take(w, "model.norm.weight")
+        h, v = c.hidden_size, c.vocab_size
+        w = Weights(weights, dtype=dtype, device=self.device, source=source)
+        self.embed = w.take("model.embed_tokens.weight", (v, h))  # [V, H]
+        self.lm_head = self.embed if c.tie_word_embeddings else w.take("lm_head.weight", (v, h))
+        self.norm = w.take("model.norm.weight", (h,))
         self.layers = [self._layer(w, i) for i in range(c.num_layers)]
+        w.finish()
         self.rope = Rope(c.head_dim, c.rope_theta, c.rope_scaling, dtype=dtype, device=self.device)
         self.pool = BlockPool(c.num_layers, c.num_kv_heads, c.head_dim, block_size=block_size,
                               dtype=dtype, device=self.device)
 
-    def _layer(self, w: dict[str, torch.Tensor], i: int) -> _Layer:
+    def _layer(self, w: Weights, i: int) -> _Layer:
         c, p = self.config, f"model.layers.{i}."
+        h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
+        qkv = (("q_proj", c.num_heads * d), ("k_proj", c.num_kv_heads * d), ("v_proj", c.num_kv_heads * d))
+        gu = (("gate_proj", inter), ("up_proj", inter))
 
-        def cat(names: Sequence[str], suffix: str, present: bool) -> torch.Tensor | None:
+        def fused(prefix: str, parts: Sequence[tuple[str, int]], suffix: str, present: bool,
+                  cols: int | None) -> torch.Tensor | None:
             if not present:
                 return None
-            return torch.cat([take(w, p + n + suffix) for n in names], dim=0).contiguous()
+            shape = (lambda rows: (rows, cols)) if cols else (lambda rows: (rows,))
+            return torch.cat([w.take(f"{p}{prefix}.{n}.{suffix}", shape(rows)) for n, rows in parts])
 
-        qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        gu = ("mlp.gate_proj", "mlp.up_proj")
-        w_qkv = cat(qkv, ".weight", True)
-        want = ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim, c.hidden_size)
-        if tuple(w_qkv.shape) != want:  # type: ignore[union-attr]
-            raise ModelLoadError(
-                f"layer {i}: q/k/v projections stack to {list(w_qkv.shape)}, config expects {list(want)}"  # type: ignore[union-attr]
-            )
         return _Layer(
-            ln_attn=take(w, p + "input_layernorm.weight"),
-            w_qkv=w_qkv,  # type: ignore[arg-type]
-            b_qkv=cat(qkv, ".bias", c.attention_bias),
-            w_o=take(w, p + "self_attn.o_proj.weight"),
-            b_o=take(w, p + "self_attn.o_proj.bias") if c.o_proj_bias else None,
-            ln_mlp=take(w, p + "post_attention_layernorm.weight"),
-            w_gate_up=cat(gu, ".weight", True),  # type: ignore[arg-type]
-            b_gate_up=cat(gu, ".bias", c.mlp_bias),
-            w_down=take(w, p + "mlp.down_proj.weight"),
-            b_down=take(w, p + "mlp.down_proj.bias") if c.mlp_bias else None,
+            ln_attn=w.take(p + "input_layernorm.weight", (h,)),
+            w_qkv=fused("self_attn", qkv, "weight", True, h),  # type: ignore[arg-type]
+            b_qkv=fused("self_attn", qkv, "bias", c.attention_bias, None),
+            w_o=w.take(p + "self_attn.o_proj.weight", (h, c.num_heads * d)),
+            b_o=w.maybe(p + "self_attn.o_proj.bias", c.o_proj_bias, (h,)),
+            ln_mlp=w.take(p + "post_attention_layernorm.weight", (h,)),
+            w_gate_up=fused("mlp", gu, "weight", True, h),  # type: ignore[arg-type]
+            b_gate_up=fused("mlp", gu, "bias", c.mlp_bias, None),
+            w_down=w.take(p + "mlp.down_proj.weight", (h, inter)),
+            b_down=w.maybe(p + "mlp.down_proj.bias", c.mlp_bias, (h,)),
         )
 
     # -- sessions ---------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from streamctx.model.config import MambaConfig, ModelLoadError
-from streamctx.model.functional import rms_norm, take
+from streamctx.model.config import MambaConfig
+from streamctx.model.functional import Weights, rms_norm
 from streamctx.model.ops import selective_scan
 from streamctx.operators.policies.base import CachePolicy
 from streamctx.state import StateBlob
@@ -50,43 +50,42 @@ class _Layer:
 
 
 class MambaModel:
-    """A Mamba decoder whose sessions hold a `MambaState`."""
+    """A Mamba decoder whose sessions hold a `MambaState` (`weights` is consumed, as for Llama)."""
 
     kind = "mamba"
 
     def __init__(self, config: MambaConfig, weights: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 source: str = "checkpoint") -> None:
         self.config = config
         self.dtype = dtype
         self.device = torch.device(device)
         c = config
-        w = {k: t.to(device=self.device, dtype=dtype) for k, t in weights.items()}
-        self.embed = take(w, "backbone.embeddings.weight")  # [V, H]
-        if self.embed.shape != (c.vocab_size, c.hidden_size):
-            raise ModelLoadError(
-                f"backbone.embeddings.weight has shape {list(self.embed.shape)}, "
-                f"config expects {[c.vocab_size, c.hidden_size]}"
-            )
-        self.lm_head = self.embed if c.tie_word_embeddings else take(w, "lm_head.weight")
-        self.norm_f = take(w, "backbone.norm_f.weight")
+        h, v, e, n, r, k = (c.hidden_size, c.vocab_size, c.intermediate_size, c.state_size,
+                            c.time_step_rank, c.conv_kernel)
+        w = Weights(weights, dtype=dtype, device=self.device, source=source)
+        self.embed = w.take("backbone.embeddings.weight", (v, h))  # [V, H]
+        self.lm_head = self.embed if c.tie_word_embeddings else w.take("lm_head.weight", (v, h))
+        self.norm_f = w.take("backbone.norm_f.weight", (h,))
         self.layers = []
         for i in range(c.num_layers):
             p = f"backbone.layers.{i}."
             m = p + "mixer."
             self.layers.append(_Layer(
-                norm=take(w, p + "norm.weight"),
-                w_in=take(w, m + "in_proj.weight"),
-                b_in=take(w, m + "in_proj.bias") if c.use_bias else None,
-                conv_w=take(w, m + "conv1d.weight"),
-                conv_b=take(w, m + "conv1d.bias") if c.use_conv_bias else None,
-                w_x=take(w, m + "x_proj.weight"),
-                w_dt=take(w, m + "dt_proj.weight"),
-                b_dt=take(w, m + "dt_proj.bias"),
-                A=-torch.exp(weights[m + "A_log"].to(self.device, torch.float32)),
-                D=take(w, m + "D"),
-                w_out=take(w, m + "out_proj.weight"),
-                b_out=take(w, m + "out_proj.bias") if c.use_bias else None,
+                norm=w.take(p + "norm.weight", (h,)),
+                w_in=w.take(m + "in_proj.weight", (2 * e, h)),
+                b_in=w.maybe(m + "in_proj.bias", c.use_bias, (2 * e,)),
+                conv_w=w.take(m + "conv1d.weight", (e, 1, k)),
+                conv_b=w.maybe(m + "conv1d.bias", c.use_conv_bias, (e,)),
+                w_x=w.take(m + "x_proj.weight", (r + 2 * n, e)),
+                w_dt=w.take(m + "dt_proj.weight", (e, r)),
+                b_dt=w.take(m + "dt_proj.bias", (e,)),
+                A=-torch.exp(w.take(m + "A_log", (e, n), dtype=torch.float32)),
+                D=w.take(m + "D", (e,)),
+                w_out=w.take(m + "out_proj.weight", (h, e)),
+                b_out=w.maybe(m + "out_proj.bias", c.use_bias, (h,)),
             ))
+        w.finish()
 
     # -- sessions ---------------------------------------------------------------------------------
     def new_state(self) -> MambaState:
