@@ -256,7 +256,7 @@ class MemoryBudgetScheduler:
             raise TierFullError(f"{tier.name} tier budget is {tier.capacity} bytes; a state of {need} bytes cannot fit")
         positions = self._positions()
         ctx = PolicyContext(upcoming=positions, now=self._clock)
-        while tier.capacity - tier.used() < need:
+        while not tier.can_fit(need):
             candidates = [
                 Entry(s, self._nbytes[s], self._last.get(s, 0), self._prio.get(s, 0))
                 for s in tier.keys()
@@ -278,8 +278,17 @@ class MemoryBudgetScheduler:
             )
         self._busy.add(session_id)
         try:
-            self._make_room(level + 1, self._nbytes[session_id])
-            self._move(session_id, level, level + 1)
+            # Normally one tier down; a tier whose residents are all busy (e.g. the session being
+            # restored from it) is skipped.
+            for dst in range(level + 1, len(self.tiers)):
+                try:
+                    self._make_room(dst, self._nbytes[session_id])
+                except TierFullError:
+                    if dst == len(self.tiers) - 1:
+                        raise
+                    continue
+                self._move(session_id, level, dst)
+                break
         finally:
             self._busy.discard(session_id)
         self._prefetched.discard(session_id)

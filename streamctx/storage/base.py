@@ -31,6 +31,10 @@ class TierStore(Protocol):
         """Bytes `blob` would occupy here."""
         ...
 
+    def can_fit(self, nbytes: int) -> bool:
+        """Whether a state of `nbytes` can be put now (a tier may be fragmented over several stores)."""
+        ...
+
     def put(self, key: str, blob: StateBlob) -> int:
         """Store `blob` under `key` (which must be absent); returns the bytes charged."""
         ...

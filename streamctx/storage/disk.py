@@ -46,6 +46,9 @@ class DiskTier:
     def charge(self, blob: StateBlob) -> int:
         return blob.nbytes()
 
+    def can_fit(self, nbytes: int) -> bool:
+        return self.capacity is None or self._used + nbytes <= self.capacity
+
     def put(self, key: str, blob: StateBlob) -> int:
         if key in self._sizes:
             raise StorageError(f"disk tier already holds session {key!r}")

@@ -46,6 +46,9 @@ class MemoryTier:
     def charge(self, blob: StateBlob) -> int:
         return blob.nbytes()
 
+    def can_fit(self, nbytes: int) -> bool:
+        return self.capacity is None or self._used + nbytes <= self.capacity
+
     def live_bytes(self) -> int:
         """Bytes of the storages this tier's tensors actually hold (independent of the accounting)."""
         return storage_nbytes(t for b in self._blobs.values() for t in b.tensors.values())

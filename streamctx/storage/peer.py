@@ -85,6 +85,9 @@ class PeerTier:
     def charge(self, blob: StateBlob) -> int:
         return blob.nbytes()
 
+    def can_fit(self, nbytes: int) -> bool:
+        return max(c - u for c, u in zip(self._cap, self._used_by)) >= nbytes
+
     def put(self, key: str, blob: StateBlob) -> int:
         if key in self._where:
             raise StorageError(f"peer tier already holds session {key!r}")
