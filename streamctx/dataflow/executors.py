@@ -40,45 +40,82 @@ class LocalExecutor:
 
 
 class _StageActor:
-    """One stage replica inside a Ray actor."""
+    """A container for one stage replica inside a Ray actor; `load` gives it a (new) stage.
 
-    def __init__(self, plan: StagePlan, replica: int) -> None:
-        import torch
+    Containers are pooled across jobs of one driver (starting a Ray worker process costs seconds),
+    and `unload` drops everything a job put in them.
+    """
 
-        torch.set_num_threads(1)
+    def __init__(self) -> None:
+        self.host: Optional[StageHost] = None
+
+    def load(self, plan: StagePlan, replica: int) -> str:
+        import ray
+
+        if plan.kind == "model":
+            import torch
+
+            torch.set_num_threads(1)
         self.host = StageHost(plan.name, plan.build(replica), plan.sessions)
+        return ray.get_runtime_context().get_node_id()
 
     def step(self, env: Envelope) -> Envelope:
+        assert self.host is not None, "stage actor used before load()"
         return self.host.step(env)
 
     def finish(self) -> dict[str, Any]:
+        assert self.host is not None, "stage actor used before load()"
         return self.host.finish()
 
-    def node_id(self) -> str:
-        import ray
+    def unload(self) -> None:
+        self.host = None
+        import gc
 
-        return ray.get_runtime_context().get_node_id()
+        gc.collect()
+
+
+_POOL_MAX = 16
+_pool: dict[tuple[Any, ...], list[Any]] = {}
+_pool_owner: Optional[str] = None  # the Ray job whose actors are pooled
+
+
+def _pool_key(num_cpus: float, resources: dict[str, float]) -> tuple[Any, ...]:
+    return (num_cpus, tuple(sorted(resources.items())))
 
 
 class RayExecutor:
     def __init__(self, plan: list[StagePlan], *, address: Optional[str] = None) -> None:
         import ray
 
+        global _pool_owner
         self.ray = ray
         self.started_ray = False
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=True)
             self.started_ray = True
+        job = ray.get_runtime_context().get_job_id()
+        if job != _pool_owner:  # a new Ray session: old handles are dead
+            _pool.clear()
+            _pool_owner = job
         self.plan = plan
-        actor_cls = ray.remote(_StageActor)
-        self.actors = [
-            [actor_cls.options(num_cpus=p.num_cpus, resources=p.resources_for(r) or None, max_restarts=0,
-                               max_concurrency=1).remote(p, r) for r in range(p.replicas)]
-            for p in plan
-        ]
         t0 = time.perf_counter()
-        self.nodes = [ray.get([a.node_id.remote() for a in acts]) for acts in self.actors]
+        self.keys = [[_pool_key(p.num_cpus, p.resources_for(r)) for r in range(p.replicas)] for p in plan]
+        self.actors = [[self._acquire(key) for key in keys] for keys in self.keys]
+        try:
+            self.nodes = [ray.get([a.load.remote(p, r) for r, a in enumerate(acts)])
+                          for p, acts in zip(plan, self.actors)]
+        except Exception:
+            self.shutdown(reuse=False)
+            raise
         self.startup_s = time.perf_counter() - t0
+
+    def _acquire(self, key: tuple[Any, ...]) -> Any:
+        free = _pool.get(key)
+        if free:
+            return free.pop()
+        num_cpus, resources = key
+        return self.ray.remote(_StageActor).options(
+            num_cpus=num_cpus, resources=dict(resources) or None, max_restarts=0, max_concurrency=1).remote()
 
     def submit(self, route: tuple[int, ...], env: Envelope) -> Any:
         ref: Any = env
@@ -96,10 +133,20 @@ class RayExecutor:
     def finish(self) -> list[list[dict[str, Any]]]:
         return [self.ray.get([a.finish.remote() for a in acts]) for acts in self.actors]
 
-    def shutdown(self) -> None:
-        for acts in self.actors:
-            for a in acts:
-                self.ray.kill(a)
+    def shutdown(self, *, reuse: bool = True) -> None:
+        reuse = reuse and not self.started_ray
+        if reuse:
+            try:
+                self.ray.get([a.unload.remote() for acts in self.actors for a in acts])
+            except Exception:  # a dead actor: do not pool any of this job's actors
+                reuse = False
+        for keys, acts in zip(self.keys, self.actors):
+            for key, a in zip(keys, acts):
+                free = _pool.setdefault(key, [])
+                if reuse and len(free) < _POOL_MAX:
+                    free.append(a)
+                else:
+                    self.ray.kill(a)
         self.actors = []
         if self.started_ray:
             self.ray.shutdown()

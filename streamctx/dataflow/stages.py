@@ -118,6 +118,8 @@ class StageHost:
         self.records = 0
         self.busy_s = 0.0
         self.errors = 0
+        self._next_sweep_seq: float = 0
+        self._next_sweep_t: float = 0
         self._has_end = callable(getattr(stage, "end_session", None))
         self._has_bytes = callable(getattr(stage, "session_bytes", None))
 
@@ -173,17 +175,29 @@ class StageHost:
         self._sweep(batch, now)
 
     def _sweep(self, batch: pa.RecordBatch, now: float) -> None:
-        """End sessions idle past the TTL (oldest first: `live` is kept in last-seen order)."""
+        """End sessions idle past the TTL.
+
+        Parts of later batches can reach a replica before parts of earlier ones, so `live` is not
+        sorted by last record; a full scan runs only when the oldest survivor of the previous scan
+        could have expired (`_next_sweep_*`), which keeps sweeps amortised O(1) per record.
+        """
         ttl_r, ttl_s = self.sessions.idle_ttl_records, self.sessions.idle_ttl_s
         if ttl_r is None and ttl_s is None:
             return
-        max_seq = pc.max(batch.column("_seq")).as_py()
-        while self.live:
-            sid, st = next(iter(self.live.items()))
+        lo, hi = pc.min_max(batch.column("_seq")).values()
+        max_seq = hi.as_py()
+        if ttl_r is not None:  # sessions touched by this batch were last seen at `lo` or later
+            self._next_sweep_seq = min(self._next_sweep_seq, lo.as_py() + ttl_r + 1)
+        if max_seq < self._next_sweep_seq and now < self._next_sweep_t:
+            return
+        oldest_seq, oldest_t = float("inf"), float("inf")
+        for sid, st in list(self.live.items()):
             if (ttl_r is not None and max_seq - st.last_seq > ttl_r) or (ttl_s is not None and now - st.last_t > ttl_s):
                 self._end(sid, "ttl")
             else:
-                break
+                oldest_seq, oldest_t = min(oldest_seq, st.last_seq), min(oldest_t, st.last_t)
+        self._next_sweep_seq = oldest_seq + ttl_r + 1 if ttl_r is not None else float("inf")
+        self._next_sweep_t = oldest_t + ttl_s if ttl_s is not None else float("inf")
 
     def _end(self, sid: str, why: str) -> None:
         self.live.pop(sid, None)
