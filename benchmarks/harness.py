@@ -210,10 +210,11 @@ def machine_meta() -> dict[str, Any]:
 
 def main(cells: Sequence[Cell], *, results: Path, prefix: str, title: str, columns: Sequence[str],
          postprocess: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
-         argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+         combined_dir: Path | None = None, argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Entry point of a benchmark script: child mode with `--cell`, otherwise run/resume all cells.
 
-    `postprocess` derives columns that compare cells (e.g. ratio vs the peer) before printing.
+    Cell JSONs go to `<results>/cells/`, the combined `<prefix>.json`/`.md` to `combined_dir`
+    (default `results`). `postprocess` derives columns that compare cells (e.g. ratio vs the peer).
     """
     parser = argparse.ArgumentParser(description=title)
     parser.add_argument("--cell", help="(child) run this one cell")
@@ -233,5 +234,5 @@ def main(cells: Sequence[Cell], *, results: Path, prefix: str, title: str, colum
     if postprocess:
         rows = postprocess(rows)
     print_table(rows, columns, title)
-    write_combined(rows, results, prefix, columns, title, machine_meta())
+    write_combined(rows, combined_dir or results, prefix, columns, title, machine_meta())
     return rows
