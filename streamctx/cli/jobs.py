@@ -81,12 +81,18 @@ def _explicit_address() -> Iterator[None]:
 
 def connect(address: str, token_file: str | None) -> JobSubmissionClient:
     """A Jobs API client for the dashboard at `address`, authenticated when a token is found."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     headers = auth_headers(resolve_token(token_file))
     try:
         with _explicit_address():
             return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        hint = "check RAY_AUTH_TOKEN or --token-file" if headers else "it needs a token: set RAY_AUTH_TOKEN or --token-file"
+        raise CLIError(
+            f"the Ray cluster at {address} refused the request: {_first_line(exc)} ({hint})", EXIT_UNAVAILABLE
+        ) from exc
     except ConnectionError as exc:
         raise CLIError(f"cannot reach the Ray dashboard at {address}: {_first_line(exc)}", EXIT_UNAVAILABLE) from exc
     except RuntimeError as exc:
@@ -99,9 +105,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _call(what: str, fn: Callable[[], Any]) -> Any:
-    """Run one Jobs API request, turning Ray's RuntimeErrors into one-line CLI errors."""
+    """Run one Jobs API request, turning Ray's errors into one-line CLI errors."""
+    from ray.exceptions import AuthenticationError
+
     try:
         return fn()
+    except AuthenticationError as exc:
+        raise CLIError(f"{what}: the cluster refused the credentials: {_first_line(exc)}", EXIT_UNAVAILABLE) from exc
     except ConnectionError as exc:
         raise CLIError(f"{what}: cannot reach the cluster: {_first_line(exc)}", EXIT_UNAVAILABLE) from exc
     except RuntimeError as exc:
