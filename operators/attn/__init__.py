@@ -3,11 +3,13 @@ hierarchical attention. Plain references live in `streamctx.operators.attn.naive
 
 from __future__ import annotations
 
+from .hierarchical import hierarchical_attention, pool_summaries, summary_nodes
 from .merge import merge_attention
 from .blockwise import attention
 from .patterns import (
     BlockPattern,
     block_sparse_pattern,
+    local_pattern,
     random_pattern,
     strided_pattern,
     union,
@@ -21,4 +23,8 @@ __all__ = [
     "random_pattern",
     "block_sparse_pattern",
     "union",
+    "local_pattern",
+    "hierarchical_attention",
+    "pool_summaries",
+    "summary_nodes",
 ]

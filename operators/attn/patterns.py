@@ -29,6 +29,8 @@ __all__ = [
     "random_pattern",
     "block_sparse_pattern",
     "union",
+    "LocalPattern",
+    "local_pattern",
 ]
 
 
@@ -165,3 +167,19 @@ def union(*patterns: BlockPattern | Sequence[BlockPattern]) -> UnionPattern:
     if len(sizes) != 1:
         raise ValueError(f"patterns in a union must share one block_size, got {sorted(sizes)}")
     return UnionPattern(block_size=flat[0].block_size, parts=tuple(flat))
+
+
+@dataclass(frozen=True)
+class LocalPattern(BlockPattern):
+    """Block-local sections: query block `i` sees key blocks `j` with `|i - j| < blocks`."""
+
+    blocks: int = 1
+
+    def block_mask(self, q_blocks: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
+        return (q_blocks[:, None] - torch.arange(num_key_blocks)[None, :]).abs() < self.blocks
+
+
+def local_pattern(block_size: int, blocks: int = 1) -> LocalPattern:
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    return LocalPattern(block_size=block_size, blocks=blocks)
