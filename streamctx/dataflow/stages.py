@@ -122,6 +122,8 @@ class StageHost:
         self._next_sweep_t: float = 0
         self._has_end = callable(getattr(stage, "end_session", None))
         self._has_bytes = callable(getattr(stage, "session_bytes", None))
+        # Built-in stages may dead-letter single records: process_dead(batch) -> (batch, dead rows).
+        self._has_dead = callable(getattr(stage, "process_dead", None))
 
     # --- the data path ---------------------------------------------------------------------------
 
@@ -137,19 +139,24 @@ class StageHost:
         if isinstance(self.stage, SegmentStage):
             out, more = self.stage.process_envelope(batch, self.live, now)
             dead += more
+            self._account()
             self._sweep(batch, now)
         else:
             self._before(batch, now)
             try:
-                out = self.stage.process(batch)
+                if self._has_dead:
+                    out, more = self.stage.process_dead(batch)
+                    dead += more
+                else:
+                    out = self.stage.process(batch)
             except Exception as exc:  # a user stage's failure dead-letters its batch; the job goes on
                 self.errors += 1
                 out = None
                 dead += _dead_batch(batch, self.name, f"stage {self.name!r} raised {type(exc).__name__}: {exc}")
-            if out is not None:
+            if out is not None and not self._has_dead:
                 out = _reattach(batch, out)
+            self._account()  # before `end` records free their sessions: peaks include them
             self._after(batch, now)
-        self._account()
         self.busy_s += time.perf_counter() - t0
         return Envelope(out if out is not None and out.num_rows else None, dead)
 

@@ -1,0 +1,133 @@
+"""The model stage: one `Engine` per replica and one engine `Session` per session id.
+
+For each record, in order: chat roles (user/assistant/system) are appended with the model's chat
+template, `document` text is fed as is; with `generate` the session replies (greedy). A record the
+engine rejects is dead-lettered alone; the batch goes on. Sessions are closed (KV blocks back to
+the pool) when the host ends them: `end` record, idle TTL, or end of stream.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from streamctx.dataflow.records import dead_row
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("session_id", pa.string()),
+    pa.field("turn", pa.int64()),
+    pa.field("reply", pa.string()),
+    pa.field("reply_tokens", pa.int64()),
+    pa.field("n_context_tokens", pa.int64()),
+    pa.field("cached_tokens", pa.int64()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("policy", pa.string()),
+    pa.field("evicted_tokens", pa.int64()),
+    pa.field("state_bytes", pa.int64()),
+    # Carried for downstream stages and the sink (lifecycle and replay columns).
+    pa.field("end", pa.bool_()),
+    pa.field("_offset", pa.int64()),
+    pa.field("_seq", pa.int64()),
+    pa.field("_fresh", pa.bool_()),
+])
+
+
+class ModelStage:
+    name = "model"
+
+    def __init__(self, model: dict[str, Any], policy: dict[str, Any], base_dir: str,
+                 part: int = 0, parts: int = 1) -> None:
+        from pathlib import Path
+
+        from streamctx.engine import Engine
+
+        if parts != 1:
+            raise NotImplementedError(
+                "model.stages > 1 needs a layer-range forward from the model runtime "
+                "(LlamaModel.forward(..., layers=range, hidden=...)); not available yet")
+        src = model["path"] or model["name"]
+        if model["path"]:
+            p = Path(model["path"]).expanduser()
+            src = str(p if p.is_absolute() else Path(base_dir) / p)
+        device = None if model["device"] in (None, "auto") else model["device"]
+        self.engine = Engine.load(src, policy=engine_policy(policy), dtype=model["dtype"], device=device)
+        self.policy_name = str(policy.get("type") or policy.get("preset"))
+        self.default_max_new = int(model["max_new_tokens"])
+
+    def process_dead(self, batch: pa.RecordBatch) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]]]:
+        cols = {n: batch.column(n).to_pylist() for n in
+                ("session_id", "turn", "role", "text", "generate", "max_new_tokens", "end", "_offset", "_seq", "_fresh")
+                if n in batch.schema.names}
+        n = batch.num_rows
+        fresh = cols.get("_fresh", [False] * n)
+        rows: dict[str, list[Any]] = {f.name: [] for f in OUTPUT_SCHEMA}
+        dead: list[dict[str, Any]] = []
+        for i in range(n):
+            sid, turn = cols["session_id"][i], cols["turn"][i]
+            t0 = time.perf_counter()
+            s = self.engine.session(sid)
+            try:
+                if cols["role"][i] == "document":
+                    s.feed(cols["text"][i])
+                else:
+                    s.chat(cols["role"][i], cols["text"][i])
+                reply, n_reply = None, None
+                if cols["generate"][i]:
+                    max_new = cols["max_new_tokens"][i] or self.default_max_new
+                    g = s.chat_reply(max_new) if s.messages else s.generate(max_new)
+                    reply, n_reply = g.text, len(g.token_ids)
+            except Exception as exc:  # engine errors (and any other) dead-letter this record only
+                dead.append(dead_row(cols["_offset"][i], f"model: {type(exc).__name__}: {exc}",
+                                     stage="model", session_id=sid, turn=turn))
+                continue
+            cached = _cached_tokens(s)
+            for k, v in (("session_id", sid), ("turn", turn), ("reply", reply), ("reply_tokens", n_reply),
+                         ("n_context_tokens", s.n_tokens), ("cached_tokens", cached),
+                         ("latency_ms", (time.perf_counter() - t0) * 1e3), ("policy", self.policy_name),
+                         ("evicted_tokens", s.n_tokens - cached),
+                         ("state_bytes", self.engine.model.state_nbytes(s.state)),
+                         ("end", cols["end"][i]), ("_offset", cols["_offset"][i]), ("_seq", cols["_seq"][i]),
+                         ("_fresh", fresh[i])):
+                rows[k].append(v)
+        if not rows["session_id"]:
+            return None, dead
+        return pa.RecordBatch.from_pydict(rows, schema=OUTPUT_SCHEMA), dead
+
+    def process(self, batch: pa.RecordBatch) -> Optional[pa.RecordBatch]:
+        return self.process_dead(batch)[0]
+
+    def end_session(self, session_id: str) -> None:
+        s = self.engine.sessions.get(session_id)
+        if s is not None:
+            s.close()
+
+    def session_bytes(self) -> dict[str, int]:
+        m = self.engine.model
+        return {sid: m.state_nbytes(s.state) for sid, s in self.engine.sessions.items()}
+
+    def close(self) -> None:
+        for s in list(self.engine.sessions.values()):
+            s.close()
+
+
+def engine_policy(policy: dict[str, Any]) -> str | dict[str, Any]:
+    """The spec's policy section in the engine's terms: `{type: X, ...}` -> `{name: X, ...}`;
+    `{preset: P}` -> the name `P` (the engine rejects names it does not know)."""
+    if "preset" in policy:
+        return str(policy["preset"])
+    params = {k: v for k, v in policy.items() if k != "type"}
+    return {"name": policy["type"], **params}
+
+
+def _cached_tokens(session: Any) -> int:
+    """Tokens held in the session's KV cache (after its policy); the fed count for recurrent state."""
+    layers = getattr(session.state, "layers", None)
+    if layers:
+        return int(layers[0].length)
+    return int(session.n_tokens)
+
+
+def build_model_stage(**payload: Any) -> ModelStage:
+    return ModelStage(**payload)
