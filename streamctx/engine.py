@@ -206,6 +206,9 @@ class Engine:
             "state_bytes": sum(self.model.state_nbytes(s.state) for s in self.sessions.values()),
             "weight_bytes": self.model.weight_nbytes(),
         }
+        # Evicted KV a policy keeps off the paged cache (retrieval's host blocks), counted apart.
+        out["host_kv_bytes"] = sum(int(getattr(s.policy, "host_nbytes", lambda: 0)())
+                                   for s in self.sessions.values())
         pool = getattr(self.model, "pool", None)
         if pool is not None:
             out.update(kv_bytes=pool.nbytes_used(), kv_reserved_bytes=pool.nbytes_reserved(),

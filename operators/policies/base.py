@@ -16,9 +16,12 @@ equals dense attention over exactly those keys at those positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
+
+
+Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class CacheView:
         `needs_key_mass`.
     n_new: tokens appended since the last decision (the last `n_new` slots).
     block_size: tokens per cache block (policies that keep whole blocks align to it).
+    rotate: `rotate(keys [H, T, D], delta [T]) -> keys` re-rotates rotated keys by a RoPE position
+        delta (the model's RoPE); None where the caller has no model (plain unit tests).
     """
 
     layer: int
@@ -43,6 +48,7 @@ class CacheView:
     key_mass: torch.Tensor | None
     n_new: int
     block_size: int
+    rotate: Rotate | None = None
 
     @property
     def length(self) -> int:
@@ -97,11 +103,33 @@ class CachePolicy(Protocol):
 
 
 class PolicyBase:
-    """Convenience base: no key mass, no-op eviction hook, parameters from dataclass fields."""
+    """Convenience base: no key mass, no-op eviction hook, parameters from dataclass fields.
+
+    Two optional model-side hooks (checked with `getattr`, so plain `CachePolicy`s need neither):
+    - `observes_queries`: the model calls `observe(layer, q, q_rope_positions)` with each step's
+      rotated queries `[Hq, n, D]` (SnapKV's observation window).
+    - `extends_attention`: the model calls `extend(layer, q, q_rope_positions, out, lse, rotate)`
+      with the attention over the kept keys (`out [Hq, n, D]`, `lse [Hq, n]`) and uses what it
+      returns `[Hq, n, D]`: keys kept outside the cache (pooled blocks, retrieved host blocks,
+      a compressive memory) enter here, merged through the lse or gated.
+    `host_nbytes()` counts state a policy holds outside the paged cache (retrieval's host blocks).
+    """
 
     name: ClassVar[str] = "base"
     needs_key_mass: ClassVar[bool] = False
     bounded: ClassVar[bool] = True
+    observes_queries: ClassVar[bool] = False
+    extends_attention: ClassVar[bool] = False
+
+    def observe(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor) -> None:
+        return None
+
+    def extend(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, rotate: Rotate) -> torch.Tensor:
+        return out
+
+    def host_nbytes(self) -> int:
+        return 0
 
     def decide(self, view: CacheView) -> Keep:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -14,13 +14,14 @@ from streamctx.kv.cache import SessionKV
 from streamctx.operators.policies.base import CachePolicy, CacheView, Keep
 
 
-def layer_view(cache: SessionKV, layer: int) -> CacheView:
+def layer_view(cache: SessionKV, layer: int,
+               rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> CacheView:
     """What a policy sees of one layer (views of the storage where it is contiguous)."""
     k, v = cache.kv(layer)
     pos, rope_pos = cache.positions(layer)
     return CacheView(layer=layer, keys=k, values=v, positions=pos, rope_positions=rope_pos,
                      key_mass=cache.key_mass[layer], n_new=cache.n_new[layer],
-                     block_size=cache.pool.block_size)
+                     block_size=cache.pool.block_size, rotate=rotate)
 
 
 def apply_keep(cache: SessionKV, layer: int, keep: Keep, policy: CachePolicy,
@@ -63,5 +64,6 @@ def apply_policy(cache: SessionKV, policy: CachePolicy,
     """Run `policy.decide` on every layer and apply it; unbounded policies (`full`) cost nothing."""
     if not policy.bounded:
         return
+    cache.policy = policy
     for layer in range(cache.pool.num_layers):
-        apply_keep(cache, layer, policy.decide(layer_view(cache, layer)), policy, rotate)
+        apply_keep(cache, layer, policy.decide(layer_view(cache, layer, rotate)), policy, rotate)

@@ -14,6 +14,7 @@ offset `i % bs`. Each layer has its own table so policies may keep different tok
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -47,6 +48,9 @@ class SessionKV:
         self.key_mass: list[torch.Tensor | None] = [None] * pool.num_layers
         self.n_new = [0] * pool.num_layers
         self.closed = False
+        # The session's policy, bound by `apply_policy`; the model asks it for attention hooks
+        # (`observe`, `extend`: keys held outside the cache). None until the first decision.
+        self.policy: Any = None
 
     # -- accounting -------------------------------------------------------------------------------
     def blocks_used(self) -> int:
