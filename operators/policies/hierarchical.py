@@ -1,0 +1,134 @@
+"""`hierarchical`: recent tokens exact, older ones pooled into blocks at decreasing resolution.
+
+Evicted tokens (in stream order, `group` at a time) become level-0 summaries: the mean of their
+raw keys and values, weighted by the tokens they stand for. When a level holds more than
+`per_level` summaries, its oldest `factor` merge into one summary of the next level; the top
+level drops its oldest. Summaries are attended with a `log(count)` bias (as if each were
+repeated `count` times) and merged with the exact attention over the cache through the lse.
+
+RoPE rule: sinks at 0..s-1; a gap of `levels * per_level` positions holds the summaries, oldest
+first, the newest right before the window; the window follows the gap, and new tokens continue
+after it. Summaries are kept raw (un-rotated) and rotated to their gap position when attended.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from streamctx.operators.attn import merge_attention
+from streamctx.operators.policies._bounded import (
+    BoundedPolicy, check_non_negative, check_positive, laid_out, require_rotate, unrotate,
+)
+from streamctx.operators.policies._pooled import pooled_attention
+from streamctx.operators.policies.base import KEEP_ALL, CacheView, Keep, Rotate
+
+
+@dataclass
+class _Level:
+    k: torch.Tensor  # [Hkv, S, D] raw (position-0) mean keys
+    v: torch.Tensor  # [Hkv, S, D]
+    n: torch.Tensor  # [S] tokens each summary stands for (fp32)
+
+
+def _merge_oldest(level: _Level, factor: int) -> tuple[_Level, _Level]:
+    """(the oldest `factor` summaries pooled into one, the rest)."""
+    w = level.n[:factor]
+    tot = w.sum()
+    k = (level.k[:, :factor] * w[None, :, None]).sum(1, keepdim=True) / tot
+    v = (level.v[:, :factor] * w[None, :, None]).sum(1, keepdim=True) / tot
+    return _Level(k, v, tot[None]), _Level(level.k[:, factor:], level.v[:, factor:], level.n[factor:])
+
+
+def _cat(a: _Level | None, b: _Level) -> _Level:
+    if a is None:
+        return b
+    return _Level(torch.cat([a.k, b.k], 1), torch.cat([a.v, b.v], 1), torch.cat([a.n, b.n]))
+
+
+@dataclass
+class HierarchicalPolicy(BoundedPolicy):
+    name: ClassVar[str] = "hierarchical"
+    extends_attention: ClassVar[bool] = True
+    sinks: int = 4
+    window: int = 960
+    group: int = 16
+    factor: int = 4
+    per_level: int = 20
+    levels: int = 3
+    slack: int = 64
+    _levels: dict[int, list[_Level | None]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_positive(window=self.window, group=self.group, per_level=self.per_level, levels=self.levels)
+        check_non_negative(sinks=self.sinks, slack=self.slack)
+        if self.factor < 2 or self.factor > self.per_level:
+            raise ValueError(f"factor must be in [2, per_level={self.per_level}], got {self.factor}")
+
+    @property
+    def capacity(self) -> int:
+        return self.sinks + self.window
+
+    @property
+    def extra_keys(self) -> int:
+        return self.levels * self.per_level
+
+    def config(self) -> dict:
+        out = super().config()
+        out.pop("_levels", None)
+        return out
+
+    def summaries(self, layer: int) -> _Level | None:
+        """All summaries of `layer`, oldest first: raw keys/values `[Hkv, S, D]`, counts `[S]`."""
+        out: _Level | None = None
+        for lvl in reversed(self._levels.get(layer, [])):
+            if lvl is not None and lvl.n.numel():
+                out = _cat(out, lvl)
+        return out
+
+    def summary_positions(self, n: int) -> torch.Tensor:
+        """RoPE positions `[n]` of the n summaries (oldest first), right-aligned in the gap."""
+        return torch.arange(n) + self.sinks + self.extra_keys - n
+
+    def _absorb(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Pool evicted raw keys/values `[Hkv, E, D]` (E a multiple of group) into level 0, cascade."""
+        hkv, e, d = k.shape
+        g = e // self.group
+        new = _Level(k.float().view(hkv, g, self.group, d).mean(2), v.float().view(hkv, g, self.group, d).mean(2),
+                     torch.full((g,), float(self.group)))
+        levels = self._levels.setdefault(layer, [None] * self.levels)
+        levels[0] = _cat(levels[0], new)
+        for i in range(self.levels):
+            lvl = levels[i]
+            while lvl is not None and lvl.n.numel() > self.per_level:
+                if i + 1 == self.levels:
+                    lvl = _Level(lvl.k[:, -self.per_level:], lvl.v[:, -self.per_level:], lvl.n[-self.per_level:])
+                    break
+                up, lvl = _merge_oldest(lvl, self.factor)
+                levels[i + 1] = _cat(levels[i + 1], up)
+            levels[i] = lvl
+
+    def decide(self, view: CacheView) -> Keep:
+        if not self.over(view):
+            return KEEP_ALL
+        rotate = require_rotate(view, self.name)
+        s = min(self.sinks, view.length)
+        e = (view.length - s - self.window) // self.group * self.group
+        ev = slice(s, s + e)
+        self._absorb(view.layer, unrotate(view.keys[:, ev], view.rope_positions[ev], rotate), view.values[:, ev])
+        idx = torch.cat([torch.arange(s), torch.arange(s + e, view.length)])
+        rope = laid_out(s, idx.numel() - s, self.extra_keys + self.sinks - s)
+        return Keep(idx, rope, int(rope[-1]) + 1)
+
+    def extend(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, rotate: Rotate) -> torch.Tensor:
+        summ = self.summaries(layer)
+        if summ is None:
+            return out
+        pos = self.summary_positions(summ.n.numel()).to(q.device)
+        k = rotate(summ.k.to(q.device, q.dtype), pos)
+        o2, l2 = pooled_attention(q, k, summ.v.to(q.device, q.dtype), summ.n, 1.0 / math.sqrt(q.shape[-1]))
+        return merge_attention(out, lse, o2, l2)[0]

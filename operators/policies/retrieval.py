@@ -1,0 +1,173 @@
+"""`retrieval` (InfLLM / Quest style): sinks + a local window + the top-k evicted blocks.
+
+Evicted tokens leave the cache `block` at a time and live in host memory (pinned on CUDA) with a
+Quest representative per block and KV head: the channel-wise min and max of its keys. A group of
+`q_group` queries scores each block by the upper bound of `q . k` over the block,
+`sum_d max(q_d min_d, q_d max_d)`, normalised by a softmax over blocks per query head, maxed over
+the group's queries and summed over heads; the `topk` best blocks are fetched (in stream order),
+attended and merged with the exact local attention through the lse. Decode steps (one query)
+retrieve for themselves; a prefill chunk retrieves per group of queries, the last group ending at
+the chunk's last token.
+
+RoPE rule: sinks at 0..s-1, then a gap of `topk * block` positions, then the window (new tokens
+continue after it). Retrieved blocks fill the gap in stream order, whichever they are: block i of
+the selection sits at `s + i * block + j`. Stored keys are rotated as if at the gap's first block
+(`s + j`), so placing one costs one rotation by `i * block`; the representatives are computed from
+those stored keys, so scores see the distance the attention will see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from streamctx.operators.attn import attention, merge_attention
+from streamctx.operators.policies._bounded import (
+    BoundedPolicy, check_non_negative, check_positive, grouped, laid_out, require_rotate,
+)
+from streamctx.operators.policies.base import KEEP_ALL, CacheView, Keep, Rotate
+
+
+class HostBlocks:
+    """Evicted blocks of one layer on host: K/V `[Hkv, NB, block, D]`, bounds `[Hkv, NB, D]`.
+
+    Storage grows by doubling (amortised O(1) appends); pinned when CUDA is available so fetches
+    can overlap compute.
+    """
+
+    def __init__(self, hkv: int, block: int, d: int, dtype: torch.dtype) -> None:
+        self.n = 0
+        self.pin = torch.cuda.is_available()
+        shape = (hkv, 4, block, d)
+        self.k, self.v = self._alloc(shape, dtype), self._alloc(shape, dtype)
+        self.kmin, self.kmax = self._alloc((hkv, 4, d), dtype), self._alloc((hkv, 4, d), dtype)
+
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+
+    def _grow(self, need: int) -> None:
+        cap = self.k.shape[1]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name in ("k", "v", "kmin", "kmax"):
+            old = getattr(self, name)
+            t = self._alloc((old.shape[0], new, *old.shape[2:]), old.dtype)
+            t[:, :self.n] = old[:, :self.n]
+            setattr(self, name, t)
+
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append blocks `k, v [Hkv, nb, block, D]`."""
+        nb = k.shape[1]
+        self._grow(self.n + nb)
+        sl = slice(self.n, self.n + nb)
+        self.k[:, sl], self.v[:, sl] = k.cpu(), v.cpu()
+        self.kmin[:, sl], self.kmax[:, sl] = k.amin(2).cpu(), k.amax(2).cpu()
+        self.n += nb
+
+    def nbytes(self) -> int:
+        """Bytes of the stored blocks and their bounds (what is used, not the reserve)."""
+        per = self.k[:, :1].numel() * 2 + self.kmin[:, :1].numel() * 2
+        return self.n * per * self.k.element_size()
+
+
+@dataclass
+class RetrievalPolicy(BoundedPolicy):
+    name: ClassVar[str] = "retrieval"
+    extends_attention: ClassVar[bool] = True
+    sinks: int = 4
+    window: int = 508
+    topk: int = 8
+    block: int = 64
+    q_group: int = 64
+    slack: int = 64
+    _host: dict[int, HostBlocks] = field(default_factory=dict, repr=False, compare=False)
+    last_selection: dict[int, list[torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_positive(window=self.window, topk=self.topk, block=self.block, q_group=self.q_group)
+        check_non_negative(sinks=self.sinks, slack=self.slack)
+
+    @property
+    def capacity(self) -> int:
+        return self.sinks + self.window
+
+    @property
+    def extra_keys(self) -> int:
+        return self.topk * self.block
+
+    def config(self) -> dict:
+        out = super().config()
+        out.pop("_host", None)
+        out.pop("last_selection", None)
+        return out
+
+    def host_nbytes(self) -> int:
+        return sum(h.nbytes() for h in self._host.values())
+
+    def host_blocks(self, layer: int) -> HostBlocks | None:
+        return self._host.get(layer)
+
+    # -- eviction ---------------------------------------------------------------------------------
+    def decide(self, view: CacheView) -> Keep:
+        if not self.over(view):
+            return KEEP_ALL
+        rotate = require_rotate(view, self.name)
+        s = min(self.sinks, view.length)
+        e = (view.length - s - self.window) // self.block * self.block
+        ev = slice(s, s + e)
+        hkv, _, d = view.keys.shape
+        nb = e // self.block
+        target = (torch.arange(self.block) + self.sinks).repeat(nb).to(view.rope_positions.device)
+        k = rotate(view.keys[:, ev], target - view.rope_positions[ev])
+        host = self._host.get(view.layer)
+        if host is None:
+            host = self._host[view.layer] = HostBlocks(hkv, self.block, d, view.keys.dtype)
+        host.add(k.reshape(hkv, nb, self.block, d), view.values[:, ev].reshape(hkv, nb, self.block, d))
+        idx = torch.cat([torch.arange(s), torch.arange(s + e, view.length)])
+        rope = laid_out(s, idx.numel() - s, self.extra_keys + self.sinks - s)
+        return Keep(idx, rope, int(rope[-1]) + 1)
+
+    # -- retrieval --------------------------------------------------------------------------------
+    def select(self, host: HostBlocks, q: torch.Tensor) -> torch.Tensor:
+        """Top-k block ids `[k]` (ascending) for the queries `q [Hq, m, D]`."""
+        hkv = host.k.shape[0]
+        kmin = host.kmin[:, :host.n].to(q.device, torch.float32)
+        kmax = host.kmax[:, :host.n].to(q.device, torch.float32)
+        qg = grouped(q.float(), hkv)  # [Hkv, G, m, D]
+        bound = (torch.einsum("hgid,hbd->hgib", qg.clamp(min=0), kmax)
+                 + torch.einsum("hgid,hbd->hgib", qg.clamp(max=0), kmin)) * q.shape[-1] ** -0.5
+        score = torch.softmax(bound, dim=-1).amax(dim=2).sum(dim=(0, 1))  # [NB]
+        k = min(self.topk, host.n)
+        return torch.sort(torch.topk(score.cpu(), k).indices).values
+
+    def fetch(self, host: HostBlocks, ids: torch.Tensor, device: torch.device,
+              rotate: Rotate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks `ids` placed in the gap: keys/values `[Hkv, k * block, D]` on `device`."""
+        hkv, _, bs, d = host.k.shape
+        k = host.k[:, ids].to(device, non_blocking=True).reshape(hkv, -1, d)
+        v = host.v[:, ids].to(device, non_blocking=True).reshape(hkv, -1, d)
+        shift = (torch.arange(ids.numel(), device=device) * bs).repeat_interleave(bs)
+        return rotate(k, shift), v
+
+    def groups(self, n: int) -> list[tuple[int, int]]:
+        """Query ranges of at most `q_group`, the last ending at n."""
+        cuts = list(range(n, 0, -self.q_group)) + [0]
+        return [(max(a, 0), b) for b, a in zip(cuts[:-1], cuts[1:])][::-1]
+
+    def extend(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, rotate: Rotate) -> torch.Tensor:
+        host = self._host.get(layer)
+        if host is None or host.n == 0:
+            return out
+        outs, picks = [], []
+        for a, b in self.groups(q.shape[1]):
+            ids = self.select(host, q[:, a:b])
+            k, v = self.fetch(host, ids, q.device, rotate)
+            o2, l2 = attention(q[None, :, a:b], k[None], v[None], causal=False, return_lse=True)
+            outs.append(merge_attention(out[:, a:b], lse[:, a:b], o2[0], l2[0])[0])
+            picks.append(ids)
+        self.last_selection[layer] = picks
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
