@@ -18,8 +18,10 @@ if TYPE_CHECKING:
     from streamctx.spec import JobSpec
 
 # Output columns the summary knows how to show, in order of preference.
-REPLY_COLUMNS = ("reply", "generated_text", "completion", "output_text")
-TOKEN_COLUMNS = ("new_tokens", "generated_tokens", "tokens_generated", "num_generated")
+REPLY_COLUMNS = ("reply",)
+TOKEN_COLUMNS = ("reply_tokens",)
+CONTEXT_COLUMN = "n_context_tokens"
+POLICY_COLUMN = "policy"
 
 
 def run_with_progress(spec: JobSpec, *, runner: str | None, address: str | None, replies: int = 3) -> int:
@@ -65,7 +67,11 @@ def summary_rows(spec: JobSpec, result: JobResult) -> list[tuple[str, str]]:
     if token_col is not None:
         tokens = sum(v or 0 for v in table.column(token_col).to_pylist())
         rate = tokens / result.elapsed_s if result.elapsed_s > 0 else 0.0
-        rows.append(("tokens generated", f"{tokens} ({rate:.1f} tokens/s)"))
+        rows.append(("tokens generated", f"{tokens} ({rate:.1f} tokens/s over the whole run)"))
+    if table is not None and CONTEXT_COLUMN in table.column_names:
+        longest = max((v or 0 for v in table.column(CONTEXT_COLUMN).to_pylist()), default=0)
+        policies = sorted({p for p in table.column(POLICY_COLUMN).to_pylist() if p}) if POLICY_COLUMN in table.column_names else []
+        rows.append(("context", f"up to {longest} tokens per session" + (f" (policy: {', '.join(policies)})" if policies else "")))
     rows.append(("elapsed", f"{result.elapsed_s:.1f} s ({result.metrics.get('records_per_s', 0.0):.2f} records/s)"))
     rows.append(("dead letters", str(result.dead_letters)))
     if result.sessions.peak_live:
@@ -81,22 +87,46 @@ def _output_place(spec: JobSpec, result: JobResult) -> str:
     return f"{spec.sink.type} sink"
 
 
-def sample_replies(result: JobResult, n: int) -> list[dict[str, Any]]:
-    """Up to `n` output rows that carry a reply, one per session first."""
+def sample_replies(spec: JobSpec, result: JobResult, n: int) -> list[dict[str, Any]]:
+    """Up to `n` output rows that carry a reply, from different sessions, with their prompts."""
     table = output_table(result)
     col = _first_column(table, REPLY_COLUMNS)
     if table is None or col is None:
         return []
     seen: set[str] = set()
     picked: list[dict[str, Any]] = []
-    for row in table.select([c for c in ("session_id", "turn", "text", col) if c in table.column_names]).to_pylist():
+    for row in table.select([c for c in ("session_id", "turn", col) if c in table.column_names]).to_pylist():
         if row.get(col) and row.get("session_id") not in seen:
             seen.add(row.get("session_id"))
-            picked.append({"session_id": row.get("session_id"), "turn": row.get("turn"),
-                           "prompt": row.get("text"), "reply": row[col]})
+            picked.append({"session_id": row.get("session_id"), "turn": row.get("turn"), "reply": row[col]})
         if len(picked) == n:
             break
+    prompts = _prompts(spec, {(r["session_id"], r["turn"]) for r in picked})
+    for r in picked:
+        r["prompt"] = prompts.get((r["session_id"], r["turn"]), "")
     return picked
+
+
+def _prompts(spec: JobSpec, keys: set[tuple[Any, Any]]) -> dict[tuple[Any, Any], str]:
+    """The input text of the given (session, turn) pairs, read back from a JSONL source."""
+    import json
+
+    if not keys or spec.source.type != "jsonl" or not spec.source.path:
+        return {}
+    found: dict[tuple[Any, Any], str] = {}
+    try:
+        with Path(spec.resolve_input(spec.source.path)).open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                key = (rec.get("session_id"), rec.get("turn")) if isinstance(rec, dict) else None
+                if key in keys:
+                    found[key] = str(rec.get("text", ""))
+    except OSError:
+        return {}
+    return found
 
 
 def print_summary(spec: JobSpec, result: JobResult, *, replies: int = 3) -> None:
@@ -106,7 +136,7 @@ def print_summary(spec: JobSpec, result: JobResult, *, replies: int = 3) -> None
     for label, value in summary_rows(spec, result):
         table.add_row(label, value)
     out.print(table)
-    sample = sample_replies(result, replies)
+    sample = sample_replies(spec, result, replies)
     if sample:
         t = Table(title="sample replies", title_justify="left")
         for name in ("session", "turn", "prompt", "reply"):

@@ -41,3 +41,5 @@ def test_demo_on_a_tiny_model(tmp_path: Path) -> None:
     assert "sessions" in summary and "8 (ended: 8 end)" in summary
     assert f"{len(records)} out of {len(records)} records in" in summary
     assert str(out) in summary
+    assert "tokens generated" in summary and "sample replies" in summary
+    assert "I'm visiting Kyoto for three days in April." in summary  # prompts read back for the sample
