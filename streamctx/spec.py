@@ -87,6 +87,8 @@ class ModelSpec(_Section):
 
     `stages`: split the layers over this many actors (pipeline); outputs equal one stage.
     `replicas`: model-stage replicas (defaults to `runner.replicas`).
+    Placement (Ray custom resources): `resources` for every actor, or `replica_resources` (one
+    entry per replica), or `stage_resources` (one entry per layer stage).
     """
 
     name: Optional[str] = "smollm2"
@@ -98,10 +100,13 @@ class ModelSpec(_Section):
     max_new_tokens: int = Field(default=64, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
+    replica_resources: list[dict[str, float]] = Field(default_factory=list)
     stage_resources: list[dict[str, float]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
+        if self.replica_resources and self.replicas is not None and len(self.replica_resources) != self.replicas:
+            raise ValueError(f"replica_resources has {len(self.replica_resources)} entries for {self.replicas} replicas")
         if not self.name and not self.path:
             raise ValueError("model needs a name or a path")
         if self.stage_resources and len(self.stage_resources) != self.stages:

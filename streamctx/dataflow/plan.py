@@ -62,10 +62,15 @@ def build_plan(spec: JobSpec) -> list[StagePlan]:
     if spec.model is not None:
         m = spec.model
         replicas = m.replicas or n
+        if m.replica_resources and len(m.replica_resources) != replicas:
+            raise ValueError(f"model.replica_resources has {len(m.replica_resources)} entries for {replicas} replicas")
         for k in range(m.stages):
-            res = m.stage_resources[k] if m.stage_resources else m.resources
+            if m.stage_resources:
+                res = (m.stage_resources[k],) * replicas
+            else:
+                res = tuple(m.replica_resources) if m.replica_resources else (m.resources,) * replicas
             name = "model" if m.stages == 1 else f"model.{k}"
-            plan.append(StagePlan(name, "model", replicas, spec.sessions, m.num_cpus, (res,) * replicas, {
+            plan.append(StagePlan(name, "model", replicas, spec.sessions, m.num_cpus, res, {
                 "model": m.model_dump(), "policy": dict(spec.policy), "base_dir": spec.base_dir,
                 "part": k, "parts": m.stages,
             }))
