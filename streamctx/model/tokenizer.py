@@ -153,7 +153,11 @@ class Tokenizer:
         return out
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; byte sequences that are not valid UTF-8 on their own decode to U+FFFD."""
+        """Text of `ids`; byte sequences that are not valid UTF-8 on their own decode to U+FFFD.
+
+        `decode(encode(text)) == text` except for characters whose bytes have no symbol in the
+        vocabulary (SmolLM2: six control characters and code points U+40000..U+BFFFF): `encode`
+        drops them, as the model's reference tokenizer does."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:

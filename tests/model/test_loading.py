@@ -21,7 +21,8 @@ import streamctx.model.loading as loading
 from streamctx.model.config import LlamaConfig, MambaConfig, ModelLoadError, config_from_hf
 from streamctx.model.gguf_cache import GGUFCache
 from streamctx.model.gguf_file import permute_qk, unpermute_qk
-from streamctx.model.loading import Checkpoint, load_checkpoint, load_tokenizer, resolve_smollm2_gguf
+from streamctx.model.loading import Checkpoint, load_checkpoint, load_tokenizer
+from tests.fixtures.smollm2 import smollm2_reference_model
 from tests.fixtures.tiny_models import make_tiny_llama, make_tiny_mamba, write_gguf_from_folder
 from tests.tolerances import assert_close
 
@@ -62,8 +63,7 @@ def smollm2_first(smollm2_cache: Path) -> tuple[Checkpoint, float]:
 @pytest.fixture(scope="module")
 def smollm2_reference() -> tuple[dict[str, torch.Tensor], object]:
     """transformers' own GGUF loading of the same file: (state dict, config)."""
-    path = resolve_smollm2_gguf()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = smollm2_reference_model()
     state = dict(model.state_dict())
     state.pop("lm_head.weight")  # tied
     return state, model.config
