@@ -73,7 +73,7 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, i
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool,
                       attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable tile: scores, softmax, values (used off CPU, where no lse-returning kernel is public)."""
-    s = (q @ k.transpose(-1, -2)).float() * scale
+    s = (q @ k.transpose(-1, -2)).to(torch.float64 if q.dtype == torch.float64 else torch.float32) * scale
     if is_causal:
         tq, tk = s.shape[-2:]
         s = s.masked_fill(torch.ones(tq, tk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
@@ -335,7 +335,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     else:
         bq = bk = chunk_size or DEFAULT_CHUNK
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not grad:
+    if not grad and spec.plain and 0 < tq <= SMALL_TQ and tk > 0 and q_offset >= 0:
+        out, lse = _decode(q, k, v, spec)
+    elif not grad:
         out, lse = _forward(q, k, v, spec, bq, bk)
     elif checkpoint:  # per query block: only the inputs are kept; the block is recomputed in backward
         outs, lses = [], []
@@ -377,14 +379,18 @@ def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: 
 def _split_small(spec: _Spec, p0: int, p1: int, device: torch.device) -> list[_Segment]:
     """Decode-sized query block: the sink run and the window/causal run as (at most) two calls."""
     last = p1 - 1
-    hi = min(spec.tk, last + 1) if spec.causal or spec.window is not None else spec.tk
-    lo = 0 if spec.window is None else max(0, p0 - spec.window + 1)
-    runs = []
-    if spec.sinks and lo > spec.sinks:
-        runs.append((0, min(spec.sinks, hi)))
-        runs.append((lo, hi))
-    else:
-        runs.append((0 if spec.sinks else lo, hi))
+    causal_hi = min(spec.tk, last + 1)
+    if spec.plain:
+        runs = [(0, causal_hi if spec.causal else spec.tk)]
+    else:  # a window (no pattern here): it looks backwards, sinks obey causality only if asked
+        lo, hi = max(0, p0 - spec.window + 1), causal_hi
+        sink_hi = min(spec.sinks, causal_hi if spec.causal else spec.tk)
+        if sink_hi > 0 and lo > sink_hi:
+            runs = [(0, sink_hi), (lo, hi)]
+        elif sink_hi > 0:
+            runs = [(0, max(hi, sink_hi))]
+        else:
+            runs = [(lo, hi)]
     segs = []
     for j0, j1 in runs:
         if j1 <= j0:
@@ -406,6 +412,21 @@ def _run_is_full(spec: _Spec, p0: int, p1: int, j0: int, j1: int) -> bool:
         return True
     in_window = spec.window is not None and j0 >= p1 - spec.window and j1 - 1 <= p0
     return in_window or j1 <= spec.sinks
+
+
+def _decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode hot path (plain mask, few queries after a cache): one fused call over the visible
+    prefix; a mask only when several causal queries see different prefixes."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    hi = min(spec.tk, spec.q_offset + tq) if spec.causal else spec.tk
+    mask = None
+    if spec.causal and spec.q_offset + 1 < hi:  # query i sees keys j <= q_offset + i
+        j = torch.arange(hi, device=q.device)[None, :]
+        p = torch.arange(spec.q_offset, spec.q_offset + tq, device=q.device)[:, None]
+        mask = _additive(j <= p, q.dtype, hq // hkv)
+    o, l = _fused(_group(q, hkv), k[:, :, :hi], v[:, :, :hi], scale=spec.scale, attn_mask=mask)
+    return _ungroup(o, hq), _ungroup(l, hq).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: int, bk: int

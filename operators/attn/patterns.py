@@ -120,7 +120,7 @@ class BlockSparsePattern(BlockPattern):
     def block_mask(self, q_blocks: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
         out = torch.zeros(len(q_blocks), num_key_blocks, dtype=torch.bool)
         nq, nk = self.mask.shape
-        inside = q_blocks < nq
+        inside = (q_blocks >= 0) & (q_blocks < nq)
         kk = min(nk, num_key_blocks)
         out[inside, :kk] = self.mask[q_blocks[inside]][:, :kk]
         return out

@@ -133,17 +133,41 @@ def test_sliding_window_skips_hidden_blocks(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_sliding_window_is_linear_in_length() -> None:
-    """T = 16K with w = 256 finishes quickly and costs about 4x T = 4K (quadratic would be 16x)."""
+    """T = 16K with w = 256 costs about 4x T = 4K in CPU time (quadratic would be 16x). CPU time of
+    this process, not wall time, so other processes on the machine do not decide the outcome."""
     def run(t: int) -> float:
-        q = torch.randn(1, 2, t, 32)
+        q = torch.randn(1, 2, t, 16)
         attention(q, q, q, window=256)
-        start = time.perf_counter()
-        attention(q, q, q, window=256)
-        return time.perf_counter() - start
+        times = []
+        for _ in range(3):  # the best of three: a busy machine only ever adds time
+            start = time.process_time()
+            attention(q, q, q, window=256)
+            times.append(time.process_time() - start)
+        return min(times)
 
-    short, long = run(4096), run(16384)
-    assert long < 8 * short + 0.05, f"T=16K took {long:.3f}s vs T=4K {short:.3f}s"
-    assert long < 5.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # no OpenMP spin-waiting inflating CPU time on a shared machine
+    try:
+        short, long = run(4096), run(16384)
+    finally:
+        torch.set_num_threads(threads)
+    assert long < 8 * short + 0.05, f"T=16K took {long:.3f}s CPU vs T=4K {short:.3f}s"
+
+
+@given(case=case_st())
+@settings(max_examples=15)
+def test_portable_kernel_matches_reference(case: Case) -> None:
+    """The matmul tile used off CPU (no public lse-returning kernel there) is exact too."""
+    def portable(q, k, v, *, scale, is_causal=False, attn_mask=None):
+        return blockwise._matmul_attention(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
+
+    q, k, v = case.tensors(torch.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blockwise, "_fused", portable)
+        out, lse = attention(q, k, v, **case.kwargs(), return_lse=True)
+    r_out, r_lse = naive.attention(q, k, v, **case.kwargs(), return_lse=True)
+    assert_close(out, r_out)
+    assert_close(_finite(lse), _finite(r_lse))
 
 
 @pytest.mark.gpu
