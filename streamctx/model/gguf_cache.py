@@ -89,7 +89,8 @@ class GGUFCache:
 
     def store(self, path: Path, contents: GGUFContents) -> Path:
         """Write an entry atomically; returns its path."""
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.root.mkdir(exist_ok=True, mode=0o700)
         os.chmod(self.root, 0o700)
         entry = self.entry(path)
         settings = contents.tokenizer.settings

@@ -218,7 +218,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
         try:
             w = torch.from_numpy(_dequantize(tensor).copy())
         except Exception as exc:
-            raise ModelLoadError(f"{path}: tensor {tensor.name!r} cannot be read (truncated or corrupt?): {exc}") from exc
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} cannot be read (truncated or corrupt?): {exc}"
+            ) from exc
         if permuted and ".attn_q." in tensor.name:
             w = unpermute_qk(w, config.num_heads)
         elif permuted and ".attn_k." in tensor.name:
