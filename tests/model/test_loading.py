@@ -11,6 +11,7 @@ import stat
 import time
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from hypothesis import given
@@ -197,6 +198,36 @@ def test_cache_key_follows_the_file(llama_gguf: Path, tmp_path: Path) -> None:
     # A changed file gets a new key.
     os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 10**9))
     assert cache.entry(path) != entry
+
+
+def _variant(folder: Path, tmp_path: Path, **kwargs: object) -> Path:
+    return write_gguf_from_folder(folder, tmp_path / "variant.gguf", **kwargs)
+
+
+def test_gguf_rope_scaling_metadata(llama_gguf: Path, tmp_path: Path) -> None:
+    folder = llama_gguf.with_suffix("")
+    linear = _variant(folder, tmp_path, edit=lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR),
+                                                         w.add_rope_scaling_factor(4.0)))
+    assert load_checkpoint(linear, cache_dir=tmp_path / "c1").config.rope_scaling == {
+        "rope_type": "linear", "factor": 4.0}
+    yarn = _variant(folder, tmp_path, edit=lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
+                                                       w.add_rope_scaling_factor(2.0),
+                                                       w.add_rope_scaling_orig_ctx_len(4096)))
+    assert load_checkpoint(yarn, cache_dir=tmp_path / "c2").config.rope_scaling == {
+        "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4096}
+
+
+def test_gguf_refusals_name_the_value(llama_gguf: Path, tmp_path: Path) -> None:
+    folder = llama_gguf.with_suffix("")
+    mamba = _variant(folder, tmp_path, architecture="mamba")
+    with pytest.raises(ModelLoadError, match=r"general\.architecture='mamba' is not supported"):
+        load_checkpoint(mamba, cache_dir=tmp_path)
+    spm = _variant(folder, tmp_path, edit=lambda w: w.add_tokenizer_model("llama"))
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.ggml\.model='llama'"):
+        load_checkpoint(spm, cache_dir=tmp_path)
+    no_heads = _variant(folder, tmp_path, edit=lambda w: w.kv_data[0].pop("llama.attention.head_count"))
+    with pytest.raises(ModelLoadError, match=r"variant\.gguf.*lacks 'llama\.attention\.head_count'"):
+        load_checkpoint(no_heads, cache_dir=tmp_path)
 
 
 @given(
