@@ -152,12 +152,11 @@ class LlamaModel:
             for (cache, _), n, pos in zip(batch, lens, abs_pos):
                 seg = qkv[off:off + n]
                 off += n
-                q = seg[:, :hq].view(n, c.num_heads, d).transpose(0, 1)  # [Hq, n, D]
-                k = seg[:, hq:hq + hkv].view(n, c.num_kv_heads, d).transpose(0, 1)  # [Hkv, n, D]
-                v = seg[:, hq + hkv:].view(n, c.num_kv_heads, d).transpose(0, 1)
                 cos, sin, rpos = rope_for(cache.layers[li].next_rope, n)
-                q = apply_rope(q, cos, sin)
-                k = apply_rope(k, cos, sin)
+                # q and k rotated together: [Hq + Hkv, n, D]
+                qk = apply_rope(seg[:, :hq + hkv].view(n, c.num_heads + c.num_kv_heads, d).transpose(0, 1), cos, sin)
+                q, k = qk[:c.num_heads], qk[c.num_heads:]  # [Hq, n, D], [Hkv, n, D]
+                v = seg[:, hq + hkv:].view(n, c.num_kv_heads, d).transpose(0, 1)
                 past = cache.layers[li].length
                 cache.append(li, k, v, pos, rpos)
                 keys, values = cache.kv(li)
