@@ -220,6 +220,13 @@ class MemoryBudgetScheduler:
                 "stall_s": self._stall_s,
             }
 
+    def reset_stats(self) -> None:
+        """Zero the counters (hits, misses, moves, stall); placement is unchanged."""
+        with self._lock:
+            self._counts = dict.fromkeys(self._counts, 0)
+            self._moves.clear()
+            self._stall_s = 0.0
+
     # ---- internals ---------------------------------------------------------------------------
 
     def _require(self, session_id: str) -> int:

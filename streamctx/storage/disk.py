@@ -1,7 +1,8 @@
 """Disk tier: one safetensors file per session in a private spill directory.
 
 The directory is created 0700 and files 0600; writes go to a temporary file in the same directory
-and are renamed into place (atomic: a reader never sees a torn file). No fsync: spill files are a
+and are renamed into place (atomic: a reader never sees a torn file). Writes and reads make one
+copy each way (`safetensors_io`). No fsync: spill files are a
 cache for this process, not a durable checkpoint. A failed write (unwritable, disk full) removes
 the partial file and raises `StorageError`; the caller still holds the state, so nothing is lost.
 """
@@ -18,6 +19,7 @@ from typing import Iterable
 from streamctx.state import StateBlob
 
 from .base import StorageError, TierFullError
+from .safetensors_io import read_blob, write_blob
 
 
 class DiskTier:
@@ -34,7 +36,8 @@ class DiskTier:
         except OSError as exc:
             raise StorageError(f"cannot create a spill directory in {root!r}: {exc.strerror or exc}") from exc
         os.chmod(self.path, 0o700)
-        self._sizes: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}  # charged bytes (tensor bytes)
+        self._files: dict[str, int] = {}  # file sizes
         self._used = 0
 
     def _file(self, key: str) -> Path:
@@ -58,24 +61,22 @@ class DiskTier:
                 f"disk tier is full: session {key!r} needs {need} bytes, {self.capacity - self._used} "
                 f"of {self.capacity} free"
             )
-        data = blob.to_bytes()
         final = self._file(key)
         tmp = final.with_suffix(".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                written = write_blob(fd, blob)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(
-                f"disk tier could not write session {key!r} ({len(data)} bytes) in {self.path}: "
+                f"disk tier could not write session {key!r} ({need} bytes of tensors) in {self.path}: "
                 f"{exc.strerror or exc}; the state was not moved"
             ) from exc
+        self._files[key] = written
         self._sizes[key] = need
         self._used += need
         return need
@@ -84,13 +85,14 @@ class DiskTier:
         if key not in self._sizes:
             raise KeyError(f"disk tier does not hold session {key!r}")
         try:
-            data = self._file(key).read_bytes()
+            with open(self._file(key), "rb", buffering=0) as f:
+                return read_blob(f, size=self._files[key])
         except OSError as exc:
             raise StorageError(f"disk tier could not read session {key!r}: {exc.strerror or exc}") from exc
-        return StateBlob.from_bytes(data)
 
     def delete(self, key: str) -> None:
         self._used -= self._sizes.pop(key)
+        self._files.pop(key, None)
         self._file(key).unlink(missing_ok=True)
 
     def keys(self) -> Iterable[str]:

@@ -23,20 +23,26 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def pack_blob(blob: StateBlob) -> tuple[dict[str, Any], np.ndarray]:
-    """(header, buffer): every tensor's bytes back to back in one uint8 array; one copy."""
+def pack_views(blob: StateBlob) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """(header, per-tensor uint8 arrays) without copying CPU-contiguous tensors; concatenated in
+    order, the arrays are the packed buffer."""
     entries = []
+    views: list[np.ndarray] = []
     offset = 0
     for name, t in blob.tensors.items():
         n = t.numel() * t.element_size()
         entries.append([name, str(t.dtype), list(t.shape), offset, n])
         offset += n
-    buf = np.empty(offset, dtype=np.uint8)
-    flat = torch.from_numpy(buf)
-    for (name, _, _, off, n), t in zip(entries, blob.tensors.values()):
         if n:
-            flat[off : off + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+            views.append(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
     header = {"format": PACK_FORMAT, "kind": blob.kind, "meta": blob.meta, "tensors": entries}
+    return header, views
+
+
+def pack_blob(blob: StateBlob) -> tuple[dict[str, Any], np.ndarray]:
+    """(header, buffer): every tensor's bytes back to back in one uint8 array; one copy."""
+    header, views = pack_views(blob)
+    buf = np.concatenate(views) if views else np.empty(0, dtype=np.uint8)
     return header, buf
 
 

@@ -2,7 +2,8 @@
 
 State moves in bulk as one numpy uint8 buffer plus a small header (`packing.py`): numpy passes
 through Ray's object store without pickling tensors. Each actor copies what it receives into its own
-heap, so its memory is explicit and does not depend on the sender's object lifetimes. A new state
+heap, so its memory is explicit and does not depend on the sender's object lifetimes. The tensors
+are sent as zero-copy uint8 views (Ray copies them into its object store once). A new state
 goes to the store with the most free budget (tracked locally, so choosing costs no round trip).
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 from streamctx.state import StateBlob
 
 from .base import StorageError, TierFullError
-from .packing import pack_blob, unpack_blob
+from .packing import pack_views, unpack_blob
 
 
 class StateStore:
@@ -26,14 +27,17 @@ class StateStore:
         self._items: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
         self._used = 0
 
-    def put(self, key: str, header: dict[str, Any], buf: np.ndarray) -> int:
+    def put(self, key: str, header: dict[str, Any], parts: list[np.ndarray]) -> int:
+        """Store the state's byte parts as one owned buffer (one copy out of the object store)."""
         if key in self._items:
             raise KeyError(f"state store already holds {key!r}")
-        if self._used + buf.nbytes > self.capacity:
-            raise MemoryError(f"state store full: {buf.nbytes} bytes needed, {self.capacity - self._used} free")
-        self._items[key] = (header, np.array(buf, copy=True))
-        self._used += buf.nbytes
-        return buf.nbytes
+        nbytes = sum(p.nbytes for p in parts)
+        if self._used + nbytes > self.capacity:
+            raise MemoryError(f"state store full: {nbytes} bytes needed, {self.capacity - self._used} free")
+        buf = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint8)
+        self._items[key] = (header, buf)
+        self._used += nbytes
+        return nbytes
 
     def get(self, key: str) -> tuple[dict[str, Any], np.ndarray]:
         return self._items[key]
@@ -91,20 +95,22 @@ class PeerTier:
     def put(self, key: str, blob: StateBlob) -> int:
         if key in self._where:
             raise StorageError(f"peer tier already holds session {key!r}")
-        header, buf = pack_blob(blob)
+        header, parts = pack_views(blob)
+        nbytes = sum(p.nbytes for p in parts)
         free = [c - u for c, u in zip(self._cap, self._used_by)]
         best = max(range(len(free)), key=free.__getitem__)
-        if free[best] < buf.nbytes:
+        if free[best] < nbytes:
             raise TierFullError(
-                f"peer tier is full: session {key!r} needs {buf.nbytes} bytes, the freest store has {free[best]}"
+                f"peer tier is full: session {key!r} needs {nbytes} bytes, the freest store has {free[best]}"
             )
         try:
-            self._ray.get(self.stores[best].put.remote(key, header, buf))
+            # One argument: Ray serialises the list as one object, the arrays as out-of-band buffers.
+            self._ray.get(self.stores[best].put.remote(key, header, parts))
         except Exception as exc:  # an actor error or a lost node: the caller keeps the state
             raise StorageError(f"peer store {best} could not take session {key!r}: {exc}") from exc
-        self._where[key] = (best, buf.nbytes)
-        self._used_by[best] += buf.nbytes
-        return buf.nbytes
+        self._where[key] = (best, nbytes)
+        self._used_by[best] += nbytes
+        return nbytes
 
     def get(self, key: str) -> StateBlob:
         if key not in self._where:

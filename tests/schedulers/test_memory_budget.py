@@ -202,10 +202,10 @@ def test_disk_write_failure_loses_nothing(tmp_path, monkeypatch) -> None:
     for i in range(3):
         sched.admit(f"s{i}", kv_blob(i, 32))
 
-    def full(fd, data):
+    def full(fd, buffers):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "writev", full)
     with pytest.raises(StorageError, match="No space left"):
         sched.admit("s3", kv_blob(3, 32))
     monkeypatch.undo()
