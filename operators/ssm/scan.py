@@ -10,9 +10,10 @@ For an element whose decay over the chunk stays within `decay_budget` (|Lc| <= 3
 sum is one cumulative sum, exp(Lc_t) * cumsum_s(exp(-Lc_s) b_s): every exponential is within e^30
 of 1 (fp32 overflows at e^88) and the factorisation costs at most ~budget * eps of relative
 precision. Elements whose decay exceeds the budget inside a chunk (fast-forgetting channels) use the
-segment-sum form instead: the Q x Q matrix exp(Lc_t - Lc_s), masked to s <= t before the
-exponential, so only differences of cumulative sums are exponentiated (non-positive for decaying A)
-and huge decays give zeros, never NaNs. Both forms are computed for all chunks of a block at once;
+segment-sum form instead: the Q x Q matrix exp(sum_{s<r<=t} delta_r A), masked to s <= t before the
+exponential, with each segment sum accumulated from its own steps (a difference of two large
+cumulative sums would cancel), so only non-positive numbers are exponentiated for decaying A and
+huge decays give zeros, never NaNs. Both forms are computed for all chunks of a block at once;
 only the state hand-off between chunks loops (over chunks, not time steps). The state is carried
 between chunks and calls in fp32 (fp64 for fp64 inputs): splitting L anywhere equals one pass.
 """
@@ -47,12 +48,17 @@ def _step(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tenso
     return (x * Cg[:, :, :, 0]).sum(-1, keepdim=True), x
 
 
-def _segsum_states(log_decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    """sum_{s<=t} exp(Lc_t - Lc_s) b_s for rows of log_decay, inputs `[M, Q]` -> `[M, Q]`."""
-    q = log_decay.shape[-1]
-    causal = torch.ones(q, q, dtype=torch.bool, device=log_decay.device).tril()
-    diff = (log_decay[:, :, None] - log_decay[:, None, :]).masked_fill(~causal, float("-inf"))
-    return (torch.exp(diff) @ inputs[:, :, None])[..., 0]
+def _segsum_states(step_log_decay: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """sum_{s<=t} exp(sum_{s<r<=t} a_r) b_s per row: a = step_log_decay, b = inputs `[M, Q]` -> `[M, Q]`.
+
+    The segment sums are accumulated from the steps themselves (not as differences of two large
+    cumulative sums, which would cancel catastrophically), and masked to s <= t before exp.
+    """
+    q = step_log_decay.shape[-1]
+    ones = torch.ones(q, q, dtype=torch.bool, device=step_log_decay.device)
+    steps = step_log_decay[:, :, None].expand(-1, q, q).masked_fill(~ones.tril(-1), 0.0)  # [M, r, s]
+    segsum = torch.cumsum(steps, dim=1).masked_fill(~ones.tril(), float("-inf"))  # [M, t, s]
+    return (torch.exp(segsum) @ inputs[:, :, None])[..., 0]
 
 
 def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tensor, Cg: torch.Tensor,
@@ -71,8 +77,12 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
     # Bound on max_t |Lc_t| per chunk and element, without touching the [.., Q, N] tensor again.
     wide = A.abs()[:, :, None, :] * delta_c.abs().sum(-2) > budget  # [B, G, H, K, N]
     any_wide = bool(wide.any())
-    # Inside the budget exp(-Lc) = 1 / exp(Lc) <= e^budget; wide elements are recomputed below.
-    grow = torch.exp(-log_decay.clamp(-budget, budget)) if any_wide else decay.reciprocal()
+    # Inside the budget exp(-Lc) = 1 / exp(Lc) <= e^budget. Wide rows are recomputed below; under
+    # autograd they are clamped first so no inf reaches a gradient, otherwise their inf/NaN is overwritten.
+    if any_wide and not inplace:
+        grow = torch.exp(-log_decay.clamp(-budget, budget))
+    else:
+        grow = decay.reciprocal()
     inputs = (delta * u).reshape(b, g, h, k, chunk, 1) * Bg.reshape(b, g, 1, k, chunk, n)
     if inplace:
         acc = grow.mul_(inputs).cumsum_(-2)
@@ -81,7 +91,8 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
     local_end = decay[..., -1, :] * acc[..., -1, :]
     if any_wide:
         idx = wide.nonzero(as_tuple=True)
-        wide_local = _segsum_states(log_decay.transpose(-1, -2)[idx], inputs.transpose(-1, -2)[idx])  # [M, Q]
+        step_log_decay = delta_c[..., 0][idx[:4]] * A[idx[1], idx[2], idx[4]][:, None]  # [M, Q]
+        wide_local = _segsum_states(step_log_decay, inputs.transpose(-1, -2)[idx])  # [M, Q]
         acc = acc.masked_fill_(wide[..., None, :], 0.0) if inplace else acc.masked_fill(wide[..., None, :], 0.0)
         local_end = local_end.index_put(idx, wide_local[:, -1])
     # State hand-off between chunks: x_start[c+1] = exp(Lc_end[c]) x_start[c] + local_end[c].

@@ -63,6 +63,8 @@ def test_matches_reference(shape, chunk, flags, dtype, seed):
         groups = 1
     use_d, use_z, use_bias, use_state, softplus = flags
     args = pick(make_inputs(batch, dim, n, length, groups, dtype, seed), use_d, use_z, use_bias, use_state)
+    if not softplus:  # Mamba's delta is positive; a negative one makes A grow and both sides overflow
+        args.update({k: args[k].abs() for k in ("delta", "delta_bias") if k in args})
     y, state = selective_scan(**args, delta_softplus=softplus, return_state=True, chunk_size=chunk)
     y_ref, state_ref = naive.selective_scan(**args, delta_softplus=softplus, return_state=True)
     assert y.dtype == dtype and y.shape == (batch, dim, length)
@@ -123,10 +125,17 @@ def test_matches_transformers_mamba_scan():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_large_decays_stay_finite(dtype):
-    """Cumulative delta*A in the thousands: exp(-Lc) would overflow; the result must equal the loop."""
-    inputs = make_inputs(1, 6, 4, 70, 0, dtype, 5, decay=1000.0)
-    inputs["delta"] = inputs["delta"].abs() * 5 + 1  # every step decays by e^-1000 or more on some channels
+@pytest.mark.parametrize("regime", ["huge", "large"])
+def test_large_decays_stay_finite_and_exact(dtype, regime):
+    """Cumulative delta*A in the thousands: exp(-Lc) would overflow, and differences of large cumulative
+    sums would cancel; the result must still equal the loop. "huge": every step forgets (e^-1000);
+    "large": steps up to e^-500 mixed with slow ones (chunks cross the budget part-way)."""
+    inputs = make_inputs(1, 6, 4, 70, 0, dtype, 5, decay=1000.0 if regime == "huge" else 100.0)
+    if regime == "huge":
+        inputs["delta"] = inputs["delta"].abs() * 5 + 1
+    else:
+        inputs["delta"] = torch.rand(inputs["delta"].shape, generator=torch.Generator().manual_seed(1),
+                                     dtype=torch.float64).to(dtype) * 5
     inputs["A"][0] = -1e-3  # and one slow channel that keeps its memory across chunks
     args = pick(inputs, True, False, False, True)
     y, s = selective_scan(**args, return_state=True, chunk_size=32)
@@ -135,9 +144,9 @@ def test_large_decays_stay_finite(dtype):
     scale = FP32_SCALE if dtype == torch.float32 else 1.0
     assert_close(y, y_ref, scale=scale)
     assert_close(s, s_ref, scale=scale)
-    grads = torch.autograd.grad(
-        selective_scan(**{k: v.requires_grad_() if k in ("u", "delta", "A") else v for k, v in args.items()},
-                       chunk_size=32).sum(), [args["u"], args["delta"], args["A"]])
+    leaves = {k: v.clone().requires_grad_() if k in ("u", "delta", "A") else v for k, v in args.items()}
+    grads = torch.autograd.grad(selective_scan(**leaves, chunk_size=32).sum(),
+                                [leaves["u"], leaves["delta"], leaves["A"]])
     assert all(torch.isfinite(g).all() for g in grads)
 
 
