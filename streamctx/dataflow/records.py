@@ -59,6 +59,22 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_DEFAULTS = {"generate": False, "max_new_tokens": None, "end": False}
+_ROLES = frozenset(("user", "assistant", "system", "document"))
+
+
+def _fast_valid(v: dict[str, Any]) -> bool:
+    """True when `v` certainly passes `InputRecord` (strict types); pydantic explains the rest.
+
+    The common case skips pydantic (a third of the driver's time per record otherwise).
+    """
+    sid, turn, gen, mnt, end = v.get("session_id"), v.get("turn"), v.get("generate", False), \
+        v.get("max_new_tokens"), v.get("end", False)
+    return (type(sid) is str and sid != "" and type(turn) is int and turn >= 0
+            and v.get("role") in _ROLES and type(v.get("text")) is str and type(gen) is bool
+            and type(end) is bool and (mnt is None or (type(mnt) is int and mnt >= 1)))
+
+
 def validate_records(raws: Iterable[RawRecord], first_seq: int) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]], int]:
     """Validate raw records into one batch (core columns then extras) and dead-letter rows.
 
@@ -71,16 +87,19 @@ def validate_records(raws: Iterable[RawRecord], first_seq: int) -> tuple[Optiona
         if r.error is not None:
             dead.append(dead_row(r.offset, r.error, stage="source", raw=r.raw))
             continue
-        try:
-            rec = InputRecord.model_validate(r.value)
-        except ValidationError as exc:
-            v = r.value or {}
-            sid = v.get("session_id") if isinstance(v.get("session_id"), str) else None
-            turn = v.get("turn") if type(v.get("turn")) is int else None
-            dead.append(dead_row(r.offset, _reason(exc), stage="source", session_id=sid, turn=turn,
-                                 raw=_dump(v)))
-            continue
-        row = rec.model_dump()
+        v = r.value
+        if _fast_valid(v):
+            row = {**_DEFAULTS, **v}
+        else:
+            try:
+                row = InputRecord.model_validate(v).model_dump()
+            except ValidationError as exc:
+                v = v or {}
+                sid = v.get("session_id") if isinstance(v.get("session_id"), str) else None
+                turn = v.get("turn") if type(v.get("turn")) is int else None
+                dead.append(dead_row(r.offset, _reason(exc), stage="source", session_id=sid, turn=turn,
+                                     raw=_dump(v)))
+                continue
         row["_offset"], row["_seq"] = r.offset, seq
         seq += 1
         rows.append(row)

@@ -13,9 +13,8 @@ The built-in `SegmentStage` is the lifecycle authority: turn order, duplicates, 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,8 +32,9 @@ class Envelope:
     dead: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
-class _Live:
+class _Live(NamedTuple):
+    """When a live session was last seen: stream ordinal and monotonic time."""
+
     last_seq: int
     last_t: float
 
@@ -55,7 +55,7 @@ class SegmentStage:
         self.last_turn: dict[str, int] = {}
         self.ended = {"end": 0, "ttl": 0, "close": 0}
 
-    def process_envelope(self, batch: pa.RecordBatch, live: "OrderedDict[str, _Live]", now: float
+    def process_envelope(self, batch: pa.RecordBatch, live: dict[str, _Live], now: float
                          ) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]]]:
         sids = batch.column("session_id").to_pylist()
         turns = batch.column("turn").to_pylist()
@@ -79,7 +79,6 @@ class SegmentStage:
             fresh.append(st is None)
             self.last_turn[sid] = turns[i]
             live[sid] = _Live(seqs[i], now)
-            live.move_to_end(sid)
             if ends[i]:
                 self._end(sid, live, "end")
         if not keep:
@@ -91,7 +90,7 @@ class SegmentStage:
         return (self.ttl_records is not None and seq - st.last_seq > self.ttl_records) or (
             self.ttl_s is not None and now - st.last_t > self.ttl_s)
 
-    def _end(self, sid: str, live: "OrderedDict[str, _Live]", why: str) -> None:
+    def _end(self, sid: str, live: dict[str, _Live], why: str) -> None:
         live.pop(sid, None)
         self.last_turn.pop(sid, None)
         self.ended[why] += 1
@@ -110,7 +109,7 @@ class StageHost:
         self.name = name
         self.stage = stage
         self.sessions = sessions
-        self.live: "OrderedDict[str, _Live]" = OrderedDict()
+        self.live: dict[str, _Live] = {}
         self.ended = {"end": 0, "ttl": 0, "close": 0}
         self.peak_live = 0
         self.peak_bytes = 0
@@ -124,6 +123,8 @@ class StageHost:
         self._has_bytes = callable(getattr(stage, "session_bytes", None))
         # Built-in stages may dead-letter single records: process_dead(batch) -> (batch, dead rows).
         self._has_dead = callable(getattr(stage, "process_dead", None))
+        # A stage without per-session hooks holds no session state: no lifecycle to track.
+        self.keyed = isinstance(stage, SegmentStage) or self._has_end or self._has_bytes
 
     # --- the data path ---------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class StageHost:
         return Envelope(out if out is not None and out.num_rows else None, dead)
 
     def _before(self, batch: pa.RecordBatch, now: float) -> None:
-        if "_fresh" not in batch.schema.names:
+        if not self.keyed or "_fresh" not in batch.schema.names:
             return
         sids = batch.column("session_id").to_pylist()
         for sid, fresh in zip(sids, batch.column("_fresh").to_pylist()):
@@ -170,9 +171,10 @@ class StageHost:
         seqs = batch.column("_seq").to_pylist()
         for sid, seq in zip(sids, seqs):
             self.live[sid] = _Live(seq, now)
-            self.live.move_to_end(sid)
 
     def _after(self, batch: pa.RecordBatch, now: float) -> None:
+        if not self.keyed:
+            return
         if "end" in batch.schema.names:
             mask = batch.column("end")
             if pc.any(mask).as_py():

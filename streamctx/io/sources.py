@@ -11,18 +11,19 @@ from __future__ import annotations
 import json
 import queue as queue_mod
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Protocol
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Protocol
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 
-@dataclass(frozen=True)
-class RawRecord:
-    """One source record before validation: `value` (a mapping) or `error` with the raw text."""
+class RawRecord(NamedTuple):
+    """One source record before validation: `value` (a mapping) or `error` with the raw text.
+
+    `next_offset` is where a replay resumes after this record.
+    """
 
     offset: int
     next_offset: int
