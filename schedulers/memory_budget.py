@@ -56,10 +56,11 @@ class MemoryBudgetScheduler:
         self._pinned: set[str] = set()
         self._busy: set[str] = set()
         self._prefetched: set[str] = set()
+        self._inflight: set[str] = set()  # being read by the prefetcher, outside the lock
         self._queue: list[str] = []
         self._clock = 0
         self._moves: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])  # count, bytes, seconds
-        self._counts = {"hits": 0, "misses": 0, "prefetch_hits": 0, "prefetches": 0, "admits": 0, "drops": 0}
+        self._counts = {"hits": 0, "misses": 0, "prefetch_hits": 0, "prefetches": 0, "late_prefetches": 0, "admits": 0, "drops": 0}
         self._stall_s = 0.0
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -99,13 +100,21 @@ class MemoryBudgetScheduler:
         the next `admit` or `unpin` of this session."""
         t0 = time.perf_counter()
         with self._lock:
+            self._require(session_id)
+            late = session_id in self._inflight
+            while session_id in self._inflight:  # a prefetch of it is under way: wait for it
+                self._wake.wait()
             level = self._require(session_id)
-            if level == 0:
+            if late:  # not on the device when asked: a miss, though a shorter stall
+                self._counts["misses"] += 1
+                self._counts["late_prefetches"] += 1
+            elif level == 0:
                 self._counts["hits"] += 1
                 if session_id in self._prefetched:
                     self._counts["prefetch_hits"] += 1
-            else:
-                self._counts["misses"] += 1
+            if level != 0:
+                if not late:
+                    self._counts["misses"] += 1
                 self._busy.add(session_id)
                 try:
                     self._bring_to_device(session_id, max_pos=None)
@@ -164,7 +173,7 @@ class MemoryBudgetScheduler:
         return moved
 
     def start_prefetcher(self) -> None:
-        """Prefetch in a background thread (one move per lock hold, so `get` interleaves)."""
+        """Prefetch in a background thread (reads outside the lock, so `get` interleaves)."""
         with self._lock:
             if self._thread is not None:
                 return
@@ -310,38 +319,80 @@ class MemoryBudgetScheduler:
         self.tiers[dst].put(session_id, blob)  # raises with nothing changed if dst refuses
         self.tiers[src].delete(session_id)
         self._level[session_id] = dst
+        self._record_move(src, dst, self._nbytes[session_id], time.perf_counter() - t0)
+
+    def _record_move(self, src: int, dst: int, nbytes: int, seconds: float) -> None:
         rec = self._moves[f"{self.tiers[src].name}->{self.tiers[dst].name}"]
         rec[0] += 1
-        rec[1] += self._nbytes[session_id]
-        rec[2] += time.perf_counter() - t0
+        rec[1] += nbytes
+        rec[2] += seconds
+
+    def _next_prefetch(self) -> tuple[str, int] | None:
+        """The first queued session not on the device, with its queue position, if the queued
+        sessions up to and including it fit in the device budget together."""
+        budget = self.device.capacity or 0
+        cum = 0
+        seen: set[str] = set()
+        for pos, sid in enumerate(self._queue):
+            if sid in seen:
+                continue
+            seen.add(sid)
+            cum += self._nbytes[sid]
+            if cum > budget:
+                return None
+            if self._level[sid] != 0 and sid not in self._inflight:
+                return sid, pos
+        return None
 
     def _prefetch_one(self) -> bool:
-        """Move the first queued session not on the device there, if the device can hold it
-        without evicting a session needed sooner. True when a move happened."""
+        """Move the next queued session to the device, evicting only sessions needed later.
+
+        The read from the slow tier runs without the lock, so `get` and `admit` of other sessions
+        proceed meanwhile; the device put happens under the lock with the budget checked again.
+        True when a move happened.
+        """
         with self._lock:
-            budget = self.device.capacity or 0
-            cum = 0
-            seen: set[str] = set()
-            for pos, sid in enumerate(self._queue):
-                if sid in seen:
-                    continue
-                seen.add(sid)
-                cum += self._nbytes[sid]
-                if cum > budget:
-                    return False
-                if self._level[sid] == 0:
-                    continue
-                self._busy.add(sid)
-                try:
-                    self._bring_to_device(sid, max_pos=pos)
-                except TierFullError:
-                    return False
-                finally:
-                    self._busy.discard(sid)
-                self._prefetched.add(sid)
-                self._counts["prefetches"] += 1
-                return True
+            pick = self._next_prefetch()
+            if pick is None:
+                return False
+            sid, pos = pick
+            src = self._level[sid]
+            try:
+                self._make_room(0, self._nbytes[sid], max_pos=pos)
+            except TierFullError:
+                return False
+            self._inflight.add(sid)
+            self._busy.add(sid)
+        t0 = time.perf_counter()
+        blob: StateBlob | None = None
+        try:
+            blob = self.tiers[src].get(sid)
+        except Exception:  # noqa: BLE001 - dropped or replaced meanwhile, or a failed read: no move
+            blob = None
+        finally:
+            with self._lock:
+                self._inflight.discard(sid)
+                self._busy.discard(sid)
+                moved = blob is not None and self._finish_prefetch(sid, src, pos, blob, t0)
+                self._wake.notify_all()
+        return moved
+
+    def _finish_prefetch(self, sid: str, src: int, pos: int, blob: StateBlob, t0: float) -> bool:
+        if self._level.get(sid) != src:  # admitted anew or dropped while we read it
             return False
+        need = self._nbytes[sid]
+        if not self.device.can_fit(need):
+            try:
+                self._make_room(0, need, max_pos=pos)
+            except TierFullError:
+                return False
+        self.device.put(sid, blob)
+        self.tiers[src].delete(sid)
+        self._level[sid] = 0
+        self._record_move(src, 0, need, time.perf_counter() - t0)
+        self._prefetched.add(sid)
+        self._counts["prefetches"] += 1
+        return True
 
     def _prefetch_loop(self) -> None:
         while True:

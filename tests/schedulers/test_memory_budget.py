@@ -20,7 +20,7 @@ POLICIES = {"lru": LRU(), "size": SizeAware(), "priority": Priority(LRU()), "loo
 
 
 def _run_workload(sched: MemoryBudgetScheduler, *, n_sessions: int, n_ops: int, seed: int,
-                  device_budget: int, lookahead: bool = False) -> dict[str, object]:
+                  device_budget: int, lookahead: bool = False, background: bool = False) -> dict[str, object]:
     """Random admits/gets/updates/drops; checks budget and exactness after every step."""
     rng = random.Random(seed)
     truth: dict[str, object] = {}
@@ -34,8 +34,9 @@ def _run_workload(sched: MemoryBudgetScheduler, *, n_sessions: int, n_ops: int, 
         assert sched.live_device_bytes() <= device_budget
     queue = [f"s{rng.randrange(n_sessions)}" for _ in range(n_ops)]
     for step, sid in enumerate(queue):
-        if lookahead:
+        if lookahead or background:
             sched.hint_upcoming(queue[step: step + 16])
+        if lookahead:
             sched.prefetch()
             assert sched.live_device_bytes() <= device_budget
         if sid not in truth:
@@ -106,6 +107,19 @@ def test_all_four_tiers_with_peer_stores(tmp_path, ray_local) -> None:
     tiers[3].close()
     for s in stores:
         ray_local.kill(s)
+
+
+def test_background_prefetcher_keeps_budget_and_exactness(tmp_path) -> None:
+    unit = kv_blob(0, 64).nbytes()
+    tiers = _tiers(tmp_path, 2 * unit, unit)
+    sched = MemoryBudgetScheduler(tiers, Lookahead(LRU()))
+    sched.start_prefetcher()  # races every step of the workload below
+    try:
+        stats = _run_workload(sched, n_sessions=80, n_ops=300, seed=5, device_budget=2 * unit, background=True)
+    finally:
+        sched.close()
+        tiers[2].close()
+    assert stats["prefetches"] > 0 and stats["total_bytes"] >= 10 * 3 * unit
 
 
 def test_lookahead_prefetch_hit_rate_vs_lru_without_prefetch(tmp_path) -> None:
