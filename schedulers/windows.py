@@ -14,9 +14,12 @@ the larger window instead of oscillating.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .complexity import ComplexityScore
+
+if TYPE_CHECKING:
+    from .complexity import ComplexityAnalyzer
 
 
 @dataclass(frozen=True)
@@ -157,3 +160,33 @@ class WindowScheduler:
             "min_window_used": min(windows) if windows else self._window,
             "max_window_used": max(windows) if windows else self._window,
         }
+
+
+class AdaptiveWindow:
+    """One session's analyzer and window scheduler together: what the engine calls per segment.
+
+    After the model has processed segment i (so its token log-probs exist):
+    ``decision = aw.after_segment(text, token_logprobs)``; keep ``decision.window`` tokens of
+    context going into segment i + 1. ``aw.decisions`` are the records for the output stats.
+    """
+
+    def __init__(self, config: WindowConfig, analyzer: ComplexityAnalyzer | None = None) -> None:
+        from .complexity import ComplexityAnalyzer
+
+        self.analyzer = analyzer if analyzer is not None else ComplexityAnalyzer()
+        self.scheduler = WindowScheduler(config)
+        self._index = 0
+
+    @property
+    def window(self) -> int:
+        return self.scheduler.window
+
+    @property
+    def decisions(self) -> list[WindowDecision]:
+        return self.scheduler.decisions
+
+    def after_segment(self, text: str, token_logprobs: Sequence[float] | None = None) -> WindowDecision:
+        score = self.analyzer.score(text, token_logprobs=token_logprobs)
+        decision = self.scheduler.decide(score, segment_index=self._index)
+        self._index += 1
+        return decision

@@ -72,3 +72,17 @@ def test_config_errors_name_the_field() -> None:
         _cfg(max_window=10)
     with pytest.raises(ValueError, match="ema"):
         _cfg(ema=0.0)
+
+
+def test_adaptive_window_end_to_end_on_constructed_stream() -> None:
+    from streamctx.schedulers import AdaptiveWindow
+
+    aw = AdaptiveWindow(_cfg(initial_window=1024))
+    for i in range(6):  # boilerplate logs the model finds easy
+        aw.after_segment(repetitive_log(30, seed=i), token_logprobs=[-0.2] * 100)
+    low = aw.window
+    for i in range(3):  # hard content: the window grows at once
+        aw.after_segment(random_text(2000, seed=i), token_logprobs=[-6.0] * 100)
+    assert low < 1024 < aw.window <= 4096
+    assert [d.segment_index for d in aw.decisions] == list(range(9))
+    assert all(d.window * SMOL_BYTES_PER_TOKEN <= 4096 * SMOL_BYTES_PER_TOKEN for d in aw.decisions)
