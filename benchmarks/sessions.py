@@ -57,8 +57,6 @@ def kv_state(seed: int, tokens: int):
 
 
 def _light_turn(blob):
-    import torch
-
     from streamctx.state import StateBlob
 
     k, v = blob.tensors["k"], blob.tensors["v"]
@@ -97,8 +95,6 @@ def throughput(mode: str, turn: str, n_sessions: int = 200, turns_per_session: i
                device_fraction: float = 0.1, lookahead: int = 32, seed: int = 0) -> dict[str, Any]:
     """Turns per second of an interleaved multi-session run, unbounded or scheduler-managed."""
     harness.set_threads(1)
-    import torch  # noqa: F401
-
     tokens, order = _workload(n_sessions, turns_per_session, seed)
     turn_fn = TURNS[turn]
     total = sum(t * BYTES_PER_TOKEN for t in tokens)
