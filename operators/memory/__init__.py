@@ -4,10 +4,11 @@ from streamctx.operators.memory.compressive import (
     MemoryState,
     empty_memory,
     gated_memory_attention,
+    infini_segment,
     memory_retrieve,
     memory_update,
     sigma,
 )
 
 __all__ = ["MemoryState", "empty_memory", "memory_retrieve", "memory_update", "gated_memory_attention",
-           "sigma"]
+           "infini_segment", "sigma"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["MemoryState", "empty_memory", "memory_retrieve", "memory_update", "gated_memory_attention",
-           "sigma"]
+           "infini_segment", "sigma"]
 
 UpdateRule = Literal["linear", "delta"]
 
@@ -101,3 +101,17 @@ def gated_memory_attention(local_out: torch.Tensor, mem_out: torch.Tensor, gate:
     if g.dim() == 1:
         g = g.view(1, -1, 1, 1)
     return g * mem_out + (1.0 - g) * local_out
+
+
+def infini_segment(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_out: torch.Tensor,
+                   state: MemoryState | tuple[torch.Tensor, torch.Tensor], gate: torch.Tensor, *,
+                   rule: UpdateRule = "delta", eps: float = 1e-6) -> tuple[torch.Tensor, MemoryState]:
+    """One Infini-attention segment: read the memory from before the segment, gate it with the local
+    attention output, then write the segment's (k, v).
+
+    q, k `[B, H, S, Dk]`; v `[B, H, S, Dv]`; local_out `[B, H, S, Dv]` (e.g. causal attention inside
+    the segment, or over a policy's kept KV); gate beta `[H]`. Returns (out `[B, H, S, Dv]`, new state).
+    """
+    mem_out = memory_retrieve(q, state, eps=eps)
+    out = gated_memory_attention(local_out, mem_out.to(local_out.dtype), gate)
+    return out, memory_update(k, v, state, rule=rule, eps=eps)

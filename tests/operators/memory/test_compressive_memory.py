@@ -11,6 +11,7 @@ from streamctx.operators.memory import (
     MemoryState,
     empty_memory,
     gated_memory_attention,
+    infini_segment,
     memory_retrieve,
     memory_update,
 )
@@ -101,6 +102,25 @@ def test_gated_mixing():
     assert_close(out[:, 0], local[:, 0])
     assert_close(out[:, 1], (local[:, 1] + mem[:, 1]) / 2)
     assert_close(out[:, 2], mem[:, 2])
+
+
+def test_infini_segments_read_the_memory_from_before_each_segment():
+    """Segment by segment: out = gate(local, read(M_before)); M_after = write(M_before, segment)."""
+    q, k, v = make(1, 2, 12, 4, 3, torch.float64, 4)
+    local = torch.randn(1, 2, 12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    beta = torch.tensor([0.3, -1.2], dtype=torch.float64)
+    state = empty_memory(1, 2, 4, 3, dtype=torch.float64)
+    outs = []
+    for start in range(0, 12, 4):
+        sl = slice(start, start + 4)
+        out, new_state = infini_segment(q[:, :, sl], k[:, :, sl], v[:, :, sl], local[:, :, sl], state, beta)
+        g = torch.sigmoid(beta).view(1, 2, 1, 1)
+        assert_close(out, g * naive.memory_retrieve(q[:, :, sl], state) + (1 - g) * local[:, :, sl])
+        state = new_state
+        outs.append(out)
+    whole = naive.memory_update(k, v, empty_memory(1, 2, 4, 3, dtype=torch.float64), rule="delta", segment_size=4)
+    assert_close(state.M, whole.M)
+    assert_close(outs[0], (1 - torch.sigmoid(beta).view(1, 2, 1, 1)) * local[:, :, :4])  # empty memory reads 0
 
 
 @settings(max_examples=10)
