@@ -83,16 +83,16 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
         grow = torch.exp(-log_decay.clamp(-budget, budget))
     else:
         grow = decay.reciprocal()
-    inputs = (delta * u).reshape(b, g, h, k, chunk, 1) * Bg.reshape(b, g, 1, k, chunk, n)
-    if inplace:
-        acc = grow.mul_(inputs).cumsum_(-2)
-    else:
-        acc = torch.cumsum(grow * inputs, dim=-2)  # states / decay, for elements inside the budget
+    du = (delta * u).reshape(b, g, h, k, chunk, 1)
+    B_c = Bg.reshape(b, g, 1, k, chunk, n)
+    # acc_t = sum_{s<=t} exp(-Lc_s) delta_s u_s B_s = states / decay, for elements inside the budget.
+    acc = grow.mul_(du).mul_(B_c).cumsum_(-2) if inplace else torch.cumsum(grow * du * B_c, dim=-2)
     local_end = decay[..., -1, :] * acc[..., -1, :]
     if any_wide:
         idx = wide.nonzero(as_tuple=True)
         step_log_decay = delta_c[..., 0][idx[:4]] * A[idx[1], idx[2], idx[4]][:, None]  # [M, Q]
-        wide_local = _segsum_states(step_log_decay, inputs.transpose(-1, -2)[idx])  # [M, Q]
+        wide_inputs = du[..., 0][idx[:4]] * B_c[:, :, 0][idx[0], idx[1], idx[3], :, idx[4]]  # [M, Q]
+        wide_local = _segsum_states(step_log_decay, wide_inputs)
         acc = acc.masked_fill_(wide[..., None, :], 0.0) if inplace else acc.masked_fill(wide[..., None, :], 0.0)
         local_end = local_end.index_put(idx, wide_local[:, -1])
     # State hand-off between chunks: x_start[c+1] = exp(Lc_end[c]) x_start[c] + local_end[c].
