@@ -132,42 +132,48 @@ class RetrievalPolicy(BoundedPolicy):
 
     # -- retrieval --------------------------------------------------------------------------------
     def select(self, host: HostBlocks, q: torch.Tensor) -> torch.Tensor:
-        """Top-k block ids `[k]` (ascending) for the queries `q [Hq, m, D]`."""
+        """Top-k block ids `[G, k]` (ascending per row) for the query groups `q [Hq, G, m, D]`.
+
+        Zero rows (padding of the first group) take part in no score.
+        """
         hkv = host.k.shape[0]
         kmin = host.kmin[:, :host.n].to(q.device, torch.float32)
         kmax = host.kmax[:, :host.n].to(q.device, torch.float32)
-        qg = grouped(q.float(), hkv)  # [Hkv, G, m, D]
-        bound = (torch.einsum("hgid,hbd->hgib", qg.clamp(min=0), kmax)
-                 + torch.einsum("hgid,hbd->hgib", qg.clamp(max=0), kmin)) * q.shape[-1] ** -0.5
-        score = torch.softmax(bound, dim=-1).amax(dim=2).sum(dim=(0, 1))  # [NB]
+        qg = grouped(q.float(), hkv)  # [Hkv, Gh, G, m, D]
+        bound = (torch.einsum("hgcid,hbd->hgcib", qg.clamp(min=0), kmax)
+                 + torch.einsum("hgcid,hbd->hgcib", qg.clamp(max=0), kmin)) * q.shape[-1] ** -0.5
+        real = (qg != 0).any(-1, keepdim=True)  # [Hkv, Gh, G, m, 1]
+        score = (torch.softmax(bound, dim=-1) * real).amax(dim=3).sum(dim=(0, 1))  # [G, NB]
         k = min(self.topk, host.n)
-        return torch.sort(torch.topk(score.cpu(), k).indices).values
+        return torch.sort(torch.topk(score.cpu(), k, dim=-1).indices, dim=-1).values
 
     def fetch(self, host: HostBlocks, ids: torch.Tensor, device: torch.device,
               rotate: Rotate) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks `ids` placed in the gap: keys/values `[Hkv, k * block, D]` on `device`."""
+        """Blocks `ids [G, k]` placed in the gap: keys/values `[G, Hkv, k * block, D]` on `device`."""
         hkv, _, bs, d = host.k.shape
-        k = host.k[:, ids].to(device, non_blocking=True).reshape(hkv, -1, d)
-        v = host.v[:, ids].to(device, non_blocking=True).reshape(hkv, -1, d)
-        shift = (torch.arange(ids.numel(), device=device) * bs).repeat_interleave(bs)
+        g = ids.shape[0]
+        flat = ids.reshape(-1)
+        k = host.k[:, flat].to(device, non_blocking=True).view(hkv, g, -1, d).transpose(0, 1)
+        v = host.v[:, flat].to(device, non_blocking=True).view(hkv, g, -1, d).transpose(0, 1)
+        shift = (torch.arange(ids.shape[1], device=device) * bs).repeat_interleave(bs)
         return rotate(k, shift), v
-
-    def groups(self, n: int) -> list[tuple[int, int]]:
-        """Query ranges of at most `q_group`, the last ending at n."""
-        cuts = list(range(n, 0, -self.q_group)) + [0]
-        return [(max(a, 0), b) for b, a in zip(cuts[:-1], cuts[1:])][::-1]
 
     def extend(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, rotate: Rotate) -> torch.Tensor:
+        """Each group of `q_group` queries (the last ending at the last query) attends its own
+        top-k blocks; all groups run as one batch (the first group is zero-padded in front)."""
         host = self._host.get(layer)
         if host is None or host.n == 0:
             return out
-        outs, picks = [], []
-        for a, b in self.groups(q.shape[1]):
-            ids = self.select(host, q[:, a:b])
-            k, v = self.fetch(host, ids, q.device, rotate)
-            o2, l2 = attention(q[None, :, a:b], k[None], v[None], causal=False, return_lse=True)
-            outs.append(merge_attention(out[:, a:b], lse[:, a:b], o2[0], l2[0])[0])
-            picks.append(ids)
-        self.last_selection[layer] = picks
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        hq, n, d = q.shape
+        m = min(self.q_group, n)
+        g = -(-n // m)
+        pad = g * m - n
+        qp = torch.nn.functional.pad(q, (0, 0, pad, 0)).view(hq, g, m, d)
+        ids = self.select(host, qp)
+        self.last_selection[layer] = list(ids)
+        k, v = self.fetch(host, ids, q.device, rotate)
+        o2, l2 = attention(qp.transpose(0, 1), k, v, causal=False, return_lse=True)  # [G, Hq, m, *]
+        o2 = o2.transpose(0, 1).reshape(hq, g * m, d)[:, pad:]
+        l2 = l2.transpose(0, 1).reshape(hq, g * m)[:, pad:]
+        return merge_attention(out, lse, o2, l2)[0]
