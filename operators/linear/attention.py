@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from streamctx.operators.linear.feature_maps import apply_feature_map, random_projection
+from streamctx.operators.linear.feature_maps import FeatureMap, apply_feature_map, random_projection
 
 __all__ = ["linear_attention", "LinearState", "DEFAULT_CHUNK"]
 
@@ -31,7 +31,7 @@ class LinearState(NamedTuple):
     z: torch.Tensor
 
 
-def _features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str,
+def _features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: FeatureMap,
               projection: torch.Tensor | None, num_features: int | None,
               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """phi(q), phi(k) `[B, H, T, F]` and v `[B, H, T, Dv]` in the working dtype (>= fp32)."""
@@ -41,8 +41,8 @@ def _features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: st
     work = torch.promote_types(q.dtype, torch.float32)
     if feature_map == "random" and projection is None:
         projection = random_projection(q.shape[-1], num_features, seed=seed, dtype=work, device=q.device)
-    phi_q = apply_feature_map(q.to(work), feature_map, projection=projection)  # type: ignore[arg-type]
-    phi_k = apply_feature_map(k.to(work), feature_map, projection=projection)  # type: ignore[arg-type]
+    phi_q = apply_feature_map(q.to(work), feature_map, projection=projection)
+    phi_k = apply_feature_map(k.to(work), feature_map, projection=projection)
     return phi_q, phi_k, v.to(work)
 
 
@@ -76,7 +76,7 @@ def linear_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    feature_map: str = "elu",
+    feature_map: FeatureMap = "elu",
     causal: bool = True,
     initial_state: LinearState | tuple[torch.Tensor, torch.Tensor] | None = None,
     return_state: bool = False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from streamctx.operators.linear.attention import LinearState, _features
+from streamctx.operators.linear.feature_maps import FeatureMap
 
 __all__ = ["linear_attention", "LinearState"]
 
@@ -18,7 +19,7 @@ def linear_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    feature_map: str = "elu",
+    feature_map: FeatureMap = "elu",
     causal: bool = True,
     initial_state: LinearState | tuple[torch.Tensor, torch.Tensor] | None = None,
     return_state: bool = False,
