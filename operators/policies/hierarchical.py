@@ -32,6 +32,7 @@ class _Level:
     k: torch.Tensor  # [Hkv, S, D] raw (position-0) mean keys
     v: torch.Tensor  # [Hkv, S, D]
     n: torch.Tensor  # [S] tokens each summary stands for (fp32)
+    start: torch.Tensor  # [S] int64 original position of each summary's first token (spans are contiguous)
 
 
 def _merge_oldest(level: _Level, factor: int) -> tuple[_Level, _Level]:
@@ -40,13 +41,15 @@ def _merge_oldest(level: _Level, factor: int) -> tuple[_Level, _Level]:
     tot = w.sum()
     k = (level.k[:, :factor] * w[None, :, None]).sum(1, keepdim=True) / tot
     v = (level.v[:, :factor] * w[None, :, None]).sum(1, keepdim=True) / tot
-    return _Level(k, v, tot[None]), _Level(level.k[:, factor:], level.v[:, factor:], level.n[factor:])
+    return (_Level(k, v, tot[None], level.start[:1]),
+            _Level(level.k[:, factor:], level.v[:, factor:], level.n[factor:], level.start[factor:]))
 
 
 def _cat(a: _Level | None, b: _Level) -> _Level:
     if a is None:
         return b
-    return _Level(torch.cat([a.k, b.k], 1), torch.cat([a.v, b.v], 1), torch.cat([a.n, b.n]))
+    return _Level(torch.cat([a.k, b.k], 1), torch.cat([a.v, b.v], 1), torch.cat([a.n, b.n]),
+                  torch.cat([a.start, b.start]))
 
 
 @dataclass
@@ -67,6 +70,8 @@ class HierarchicalPolicy(BoundedPolicy):
         check_non_negative(sinks=self.sinks, slack=self.slack)
         if self.factor < 2 or self.factor > self.per_level:
             raise ValueError(f"factor must be in [2, per_level={self.per_level}], got {self.factor}")
+        if self.slack < self.group - 1:  # whole groups leave the cache: the cap needs this slack
+            raise ValueError(f"slack ({self.slack}) must be at least group - 1 ({self.group - 1})")
 
     @property
     def capacity(self) -> int:
@@ -93,19 +98,21 @@ class HierarchicalPolicy(BoundedPolicy):
         """RoPE positions `[n]` of the n summaries (oldest first), right-aligned in the gap."""
         return torch.arange(n) + self.sinks + self.extra_keys - n
 
-    def _absorb(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Pool evicted raw keys/values `[Hkv, E, D]` (E a multiple of group) into level 0, cascade."""
+    def _absorb(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Pool evicted raw keys/values `[Hkv, E, D]` (E a multiple of group, contiguous positions
+        `[E]`) into level 0, then cascade."""
         hkv, e, d = k.shape
         g = e // self.group
         new = _Level(k.float().view(hkv, g, self.group, d).mean(2), v.float().view(hkv, g, self.group, d).mean(2),
-                     torch.full((g,), float(self.group)))
+                     torch.full((g,), float(self.group)), positions[::self.group].cpu().clone())
         levels = self._levels.setdefault(layer, [None] * self.levels)
         levels[0] = _cat(levels[0], new)
         for i in range(self.levels):
             lvl = levels[i]
             while lvl is not None and lvl.n.numel() > self.per_level:
                 if i + 1 == self.levels:
-                    lvl = _Level(lvl.k[:, -self.per_level:], lvl.v[:, -self.per_level:], lvl.n[-self.per_level:])
+                    keep = slice(-self.per_level, None)
+                    lvl = _Level(lvl.k[:, keep], lvl.v[:, keep], lvl.n[keep], lvl.start[keep])
                     break
                 up, lvl = _merge_oldest(lvl, self.factor)
                 levels[i + 1] = _cat(levels[i + 1], up)
@@ -118,7 +125,8 @@ class HierarchicalPolicy(BoundedPolicy):
         s = min(self.sinks, view.length)
         e = (view.length - s - self.window) // self.group * self.group
         ev = slice(s, s + e)
-        self._absorb(view.layer, unrotate(view.keys[:, ev], view.rope_positions[ev], rotate), view.values[:, ev])
+        self._absorb(view.layer, unrotate(view.keys[:, ev], view.rope_positions[ev], rotate), view.values[:, ev],
+                     view.positions[ev])
         idx = torch.cat([torch.arange(s), torch.arange(s + e, view.length)])
         rope = laid_out(s, idx.numel() - s, self.extra_keys + self.sinks - s)
         return Keep(idx, rope, int(rope[-1]) + 1)

@@ -31,7 +31,8 @@ from streamctx.operators.policies.base import KEEP_ALL, CacheView, Keep, Rotate
 
 
 class HostBlocks:
-    """Evicted blocks of one layer on host: K/V `[Hkv, NB, block, D]`, bounds `[Hkv, NB, D]`.
+    """Evicted blocks of one layer on host: K/V `[Hkv, NB, block, D]`, bounds `[Hkv, NB, D]`,
+    original token positions `[NB, block]`.
 
     Storage grows by doubling (amortised O(1) appends); pinned when CUDA is available so fetches
     can overlap compute.
@@ -43,6 +44,7 @@ class HostBlocks:
         shape = (hkv, 4, block, d)
         self.k, self.v = self._alloc(shape, dtype), self._alloc(shape, dtype)
         self.kmin, self.kmax = self._alloc((hkv, 4, d), dtype), self._alloc((hkv, 4, d), dtype)
+        self.pos = torch.empty(4, block, dtype=torch.int64)
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
@@ -57,14 +59,18 @@ class HostBlocks:
             t = self._alloc((old.shape[0], new, *old.shape[2:]), old.dtype)
             t[:, :self.n] = old[:, :self.n]
             setattr(self, name, t)
+        pos = torch.empty(new, self.pos.shape[1], dtype=torch.int64)
+        pos[:self.n] = self.pos[:self.n]
+        self.pos = pos
 
-    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append blocks `k, v [Hkv, nb, block, D]`."""
+    def add(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append blocks `k, v [Hkv, nb, block, D]` of the tokens at `positions [nb, block]`."""
         nb = k.shape[1]
         self._grow(self.n + nb)
         sl = slice(self.n, self.n + nb)
         self.k[:, sl], self.v[:, sl] = k.cpu(), v.cpu()
         self.kmin[:, sl], self.kmax[:, sl] = k.amin(2).cpu(), k.amax(2).cpu()
+        self.pos[sl] = positions.cpu()
         self.n += nb
 
     def nbytes(self) -> int:
@@ -89,6 +95,8 @@ class RetrievalPolicy(BoundedPolicy):
     def __post_init__(self) -> None:
         check_positive(window=self.window, topk=self.topk, block=self.block, q_group=self.q_group)
         check_non_negative(sinks=self.sinks, slack=self.slack)
+        if self.slack < self.block - 1:  # whole blocks leave the cache: the cap needs this slack
+            raise ValueError(f"slack ({self.slack}) must be at least block - 1 ({self.block - 1})")
 
     @property
     def capacity(self) -> int:
@@ -125,7 +133,8 @@ class RetrievalPolicy(BoundedPolicy):
         host = self._host.get(view.layer)
         if host is None:
             host = self._host[view.layer] = HostBlocks(hkv, self.block, d, view.keys.dtype)
-        host.add(k.reshape(hkv, nb, self.block, d), view.values[:, ev].reshape(hkv, nb, self.block, d))
+        host.add(k.reshape(hkv, nb, self.block, d), view.values[:, ev].reshape(hkv, nb, self.block, d),
+                 view.positions[ev].reshape(nb, self.block))
         idx = torch.cat([torch.arange(s), torch.arange(s + e, view.length)])
         rope = laid_out(s, idx.numel() - s, self.extra_keys + self.sinks - s)
         return Keep(idx, rope, int(rope[-1]) + 1)
