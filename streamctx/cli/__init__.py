@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence of a CLI
         if args.debug:
             traceback.print_exc()
-        error_line(f"{type(exc).__name__}: {exc}".splitlines()[0] + ("" if args.debug else " (rerun with --debug for the traceback)"))
+        first = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
+        error_line(first if args.debug else f"{first} (rerun with --debug for the traceback)")
         return EXIT_FAILURE
 
 

@@ -26,5 +26,5 @@ err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.std
 
 def error_line(message: str) -> None:
     """Print one `error: ...` line to stderr, markup-free (messages may hold brackets)."""
-    err.print(f"[bold red]error:[/] ", end="")
+    err.print("[bold red]error:[/] ", end="")
     err.print(message, markup=False)

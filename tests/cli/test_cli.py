@@ -161,3 +161,13 @@ def test_python_dash_m_streamctx() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "streamctx 0.1.0"
     proc = subprocess.run([sys.executable, "-m", "streamctx", "validate"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_USAGE and "JOB.yaml" in proc.stderr
+
+
+def test_failures_deep_in_the_job_are_one_line_with_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    job = _write_job(tmp_path / "j", RECORDS[:1], model={"path": str(not_a_model)})
+    assert main(["run", str(job)]) == EXIT_FAILURE
+    lines = _errors(capsys)
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert lines[0].endswith("(rerun with --debug for the traceback)")
