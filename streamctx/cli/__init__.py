@@ -46,8 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         first = (f"{type(exc).__name__}: {exc}".strip().splitlines() or [type(exc).__name__])[0]
-        error_line(first if args.debug else f"{first} (rerun with --debug for the traceback)")
+        hint = not args.debug and not _is_user_error(exc)
+        error_line(f"{first} (rerun with --debug for the traceback)" if hint else first)
         return EXIT_FAILURE
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """streamctx raises ValueError subclasses (a bad model folder, a bad spec) for things the user
+    can fix (DESIGN contract 6); those need no traceback hint."""
+    return isinstance(exc, ValueError) and type(exc).__module__.startswith("streamctx.")
 
 
 if __name__ == "__main__":  # pragma: no cover

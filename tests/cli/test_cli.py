@@ -163,11 +163,24 @@ def test_python_dash_m_streamctx() -> None:
     assert proc.returncode == EXIT_USAGE and "JOB.yaml" in proc.stderr
 
 
-def test_failures_deep_in_the_job_are_one_line_with_a_hint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failures_deep_in_the_job_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     job = _write_job(tmp_path / "j", RECORDS[:1], model={"path": str(not_a_model)})
     assert main(["run", str(job)]) == EXIT_FAILURE
-    lines = _errors(capsys)
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    assert lines[0].endswith("(rerun with --debug for the traceback)")
+    (line,) = _errors(capsys)
+    # A model folder the user got wrong: named, no traceback, no hint to debug.
+    assert line.startswith("error: ModelLoadError: ") and "no config.json" in line
+    assert "--debug" not in line
+
+
+def test_unexpected_errors_hint_at_debug(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamctx.cli import local_commands
+
+    def boom(args: object) -> int:
+        raise KeyError("internal")
+
+    monkeypatch.setattr(local_commands, "validate", boom)
+    assert main(["validate", "x.yaml"]) == EXIT_FAILURE
+    (line,) = _errors(capsys)
+    assert line == "error: KeyError: 'internal' (rerun with --debug for the traceback)"
