@@ -78,14 +78,17 @@ def test_submit_status_logs(cluster: LoopbackCluster, tmp_path: Path) -> None:
     job_id = sub.stdout.strip()
     assert job_id.startswith("raysubmit_")
 
+    # Streams the driver's output over the authenticated websocket until the job ends.
+    followed = _cli("logs", job_id, "--address", cluster.address, "--follow", token=cluster.token, timeout=180)
     status = _cli("status", job_id, "--address", cluster.address, "--wait", "--timeout", "150",
                   token=cluster.token, timeout=180)  # fmt: skip
     logs = _cli("logs", job_id, "--address", cluster.address, token=cluster.token)
     assert status.returncode == 0, f"{status.stdout}{status.stderr}\n--- job logs ---\n{logs.stdout[-4000:]}"
     assert status.stdout.strip() == "SUCCEEDED"
 
-    assert logs.returncode == 0
-    assert "streamctx job summary" in logs.stdout and "e2e-submit on the ray runner" in logs.stdout
+    assert logs.returncode == 0 and followed.returncode == 0
+    for text in (logs.stdout, followed.stdout):
+        assert "streamctx job summary" in text and "e2e-submit on the ray runner" in text
 
     rows = _part_rows(out)
     keys = sorted(zip(rows["session_id"].to_pylist(), rows["turn"].to_pylist()))
