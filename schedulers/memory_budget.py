@@ -2,7 +2,7 @@
 
 Tiers are ordered fastest first; tier 0 is the device (GPU memory, or the engine's working pool on
 a CPU-only machine) and is where the engine reads state. A full tier demotes its policy's first
-victim one tier down (cascading); a read of a state not on the device restores it there (a miss,
+victim to the fastest lower tier with room (or, when none has room, one tier down, cascading); a read of a state not on the device restores it there (a miss,
 timed as stall). With `hint_upcoming` the dataflow runtime says which sessions have records queued;
 `prefetch()` (or the background prefetcher) brings their state to the device before their turn,
 evicting only sessions whose next use is later (Belady's rule on the known queue).
@@ -39,7 +39,11 @@ _FAR = 1 << 62
 class MemoryBudgetScheduler:
     """Places session state across `tiers` (tier 0 the device) under their byte budgets."""
 
-    def __init__(self, tiers: Sequence[TierStore], policy: PlacementPolicy | None = None) -> None:
+    def __init__(self, tiers: Sequence[TierStore], policy: PlacementPolicy | None = None, *,
+                 fill_first: bool = True) -> None:
+        """fill_first: a victim goes to the fastest lower tier that has room without evicting
+        anything (one move); only when none has room does it cascade one tier down, evicting there.
+        With `False` demotion always cascades (every state passes through every tier)."""
         if not tiers:
             raise ValueError("MemoryBudgetScheduler needs at least a device tier")
         if not isinstance(tiers[0], MemoryTier) or tiers[0].capacity is None:
@@ -47,6 +51,7 @@ class MemoryBudgetScheduler:
         self.tiers = list(tiers)
         self.device: MemoryTier = tiers[0]
         self.policy: PlacementPolicy = policy if policy is not None else Lookahead(LRU())
+        self.fill_first = fill_first
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._level: dict[str, int] = {}
@@ -292,13 +297,20 @@ class MemoryBudgetScheduler:
             raise TierFullError(
                 f"{self.tiers[level].name} tier is full and there is no tier below it for session {session_id!r}"
             )
+        need = self._nbytes[session_id]
+        if self.fill_first:
+            for dst in range(level + 1, len(self.tiers)):
+                if self.tiers[dst].can_fit(need):
+                    self._move(session_id, level, dst)
+                    self._prefetched.discard(session_id)
+                    return
         self._busy.add(session_id)
         try:
-            # Normally one tier down; a tier whose residents are all busy (e.g. the session being
+            # Cascade one tier down; a tier whose residents are all busy (e.g. the session being
             # restored from it) is skipped.
             for dst in range(level + 1, len(self.tiers)):
                 try:
-                    self._make_room(dst, self._nbytes[session_id])
+                    self._make_room(dst, need)
                 except TierFullError:
                     if dst == len(self.tiers) - 1:
                         raise

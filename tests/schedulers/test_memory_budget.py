@@ -72,36 +72,41 @@ def test_budget_and_exactness_device_host_disk(tmp_path, policy) -> None:
     unit = kv_blob(0, 64).nbytes()
     device, host = 2 * unit, unit
     tiers = _tiers(tmp_path, device, host)
-    sched = MemoryBudgetScheduler(tiers, POLICIES[policy])
+    sched = MemoryBudgetScheduler(tiers, POLICIES[policy], fill_first=policy != "lru")
     stats = _run_workload(sched, n_sessions=80, n_ops=150, seed=1, device_budget=device,
                           lookahead=policy == "lookahead")
     assert stats["total_bytes"] >= 10 * (device + host)  # the workload really overflows device + host
     assert stats["spills"] > 0 and stats["restores"] > 0
-    assert stats["moves"]["host->disk"]["count"] > 0 and stats["moves"]["disk->device"]["count"] > 0
+    to_disk = "host->disk" if policy == "lru" else "device->disk"  # cascade vs fill-first
+    assert stats["moves"][to_disk]["count"] > 0 and stats["moves"]["disk->device"]["count"] > 0
     tiers[2].close()
 
 
 @given(seed=st.integers(0, 10_000), policy=st.sampled_from(list(POLICIES)),
-       device_units=st.integers(1, 4), host_units=st.integers(0, 3))
-def test_property_random_workloads(tmp_path_factory, seed, policy, device_units, host_units) -> None:
+       device_units=st.integers(1, 4), host_units=st.integers(0, 3), fill_first=st.booleans())
+def test_property_random_workloads(tmp_path_factory, seed, policy, device_units, host_units, fill_first) -> None:
     unit = kv_blob(0, 64).nbytes()
     tiers = _tiers(tmp_path_factory.mktemp("spill"), device_units * unit, host_units * unit)
-    sched = MemoryBudgetScheduler(tiers, POLICIES[policy])
+    sched = MemoryBudgetScheduler(tiers, POLICIES[policy], fill_first=fill_first)
     _run_workload(sched, n_sessions=12, n_ops=40, seed=seed, device_budget=device_units * unit,
                   lookahead=policy == "lookahead")
     tiers[2].close()
 
 
-def test_all_four_tiers_with_peer_stores(tmp_path, ray_local) -> None:
+@pytest.mark.parametrize("fill_first", [False, True])
+def test_all_four_tiers_with_peer_stores(tmp_path, ray_local, fill_first) -> None:
     unit = kv_blob(0, 64).nbytes()
     device, host = unit, unit
     stores = spawn_state_stores(2, capacity=4 * unit)
     tiers = [MemoryTier("device", "cpu", device), MemoryTier("host", "cpu", host),
              PeerTier(stores), DiskTier(tmp_path)]
-    sched = MemoryBudgetScheduler(tiers, Lookahead(LRU()))
+    sched = MemoryBudgetScheduler(tiers, Lookahead(LRU()), fill_first=fill_first)
     stats = _run_workload(sched, n_sessions=60, n_ops=120, seed=3, device_budget=device, lookahead=True)
     assert stats["total_bytes"] >= 10 * (device + host)
-    for edge in ["device->host", "host->peer", "peer->disk", "peer->device", "disk->device"]:
+    # Cascading passes states through every tier; fill-first sends victims straight to the disk
+    # once host and peers are full.
+    edges = ["device->host", "host->peer", "peer->disk"] if not fill_first else ["device->disk"]
+    for edge in edges + ["device->host", "peer->device", "disk->device"]:
         assert stats["moves"][edge]["count"] > 0, (edge, stats["moves"])
     assert stats["tiers"]["peer"]["sessions"] > 0 and stats["tiers"]["disk"]["sessions"] > 0
     tiers[3].close()
