@@ -44,7 +44,7 @@ for ((i = 0; i < NUM_WORKERS; i++)); do
     # own (the defaults would collide with the head's); the custom resource names the node.
     base=$((WORKER_PORT_BASE + 4 * i))
     "$RAY_BIN" start --address "$HOST:$GCS_PORT" --node-ip-address "$HOST" \
-        --num-cpus "$WORKER_CPUS" --resources "{\"local_worker_$i\": 1}" --disable-usage-stats \
+        --num-cpus "$WORKER_CPUS" --resources "{\"local_worker_$i\": 1}" --disable-usage-stats "${temp_dir_args[@]}" \
         --dashboard-agent-listen-port "$base" --dashboard-agent-grpc-port "$((base + 1))" \
         --runtime-env-agent-port "$((base + 2))" --metrics-export-port "$((base + 3))"
 done
