@@ -4,11 +4,13 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
 - prefill_{512,2K,8K}_{ours,hf}: tokens/s of one prompt (real text). Ours: `Session.feed` (chunked
   prefill, lm_head on the last row only). transformers: `model(ids, logits_to_keep=1)` of the model
   loaded from the same GGUF (its best case: no full-vocab logits).
-- decode_2K_{ours,hf}: greedy tokens/s after a 2048-token prompt. Ours: `Session.generate`;
+  Best of `repeats` runs (the minimum time: on a shared machine noise only ever slows a run).
+- decode_2K_{ours,hf}: greedy tokens/s after a 2048-token prompt, best of 3 windows of 16 steps. Ours: `Session.generate`;
   transformers: a loop of `model(next, past_key_values=..., logits_to_keep=1)` (no generate()
-  overhead). Each decode cell also measures the machine's memory read rate (a large `torch.sum`
-  over a buffer far bigger than cache) right before decoding, and reports decode as a fraction
-  of the bandwidth bound: rate / (weight bytes + KV bytes attended per token).
+  overhead). Decode is reported as a fraction of the bandwidth bound: rate / (weight bytes + KV
+  bytes attended per token), with the rate from the `membw` cell of the same run.
+- membw: the machine's memory read rate, best of 10 `torch.sum` passes over a 512 MiB buffer (far
+  bigger than cache); its own cell, so the buffer does not count in the decode cells' peak RSS.
 
     flock /tmp/streamctx-bench.lock python benchmarks/model.py [--cap 600] [--only NAME] [--redo]
 
@@ -35,7 +37,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 CELLS_DIR = RESULTS / "model_cells"
 THREADS = 2
 DECODE_CONTEXT = 2048
-DECODE_STEPS = 32
+DECODE_STEPS = 16
+DECODE_WINDOWS = 3
 
 
 def _prompt(n: int) -> list[int]:
@@ -54,7 +57,7 @@ def _prompt(n: int) -> list[int]:
     raise RuntimeError(f"not enough text for {n} tokens")
 
 
-def memory_read_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+def memory_read_gbps(nbytes: int = 512 << 20, repeats: int = 10) -> float:
     """Best-of-N read rate of `torch.sum` over an fp32 buffer of `nbytes` (GB/s, 1e9 bytes)."""
     import torch
 
@@ -88,7 +91,13 @@ def _kv_bytes_per_token(context: int) -> int:
     return 30 * 2 * 3 * 64 * 4 * context
 
 
-def prefill_ours(n: int) -> dict[str, Any]:
+def _load() -> tuple[float, float]:
+    import os
+
+    return os.getloadavg()[:2]
+
+
+def prefill_ours(n: int, repeats: int) -> dict[str, Any]:
     import torch
 
     from streamctx import Engine
@@ -99,29 +108,39 @@ def prefill_ours(n: int) -> dict[str, Any]:
     warm = engine.session("warm")
     warm.feed(ids[:64])
     warm.close()
-    s = engine.session("bench")
-    t0 = time.perf_counter()
-    s.feed(ids)
-    dt = time.perf_counter() - t0
-    return {"impl": "streamctx", "tokens": n, "seconds": dt, "tok_s": n / dt,
-            "prefill_chunk": engine.prefill_chunk}
+    load = _load()
+    times = []
+    for i in range(repeats):
+        s = engine.session(f"bench{i}")
+        t0 = time.perf_counter()
+        s.feed(ids)
+        times.append(time.perf_counter() - t0)
+        s.close()
+    dt = min(times)
+    return {"impl": "streamctx", "tokens": n, "seconds": dt, "tok_s": n / dt, "runs": repeats,
+            "prefill_chunk": engine.prefill_chunk, "load_1m": load[0]}
 
 
-def prefill_hf(n: int) -> dict[str, Any]:
+def prefill_hf(n: int, repeats: int) -> dict[str, Any]:
     import torch
 
     harness.set_threads(THREADS)
     ids = torch.tensor([_prompt(n)])
     model = _hf_model()
+    load = _load()
+    times = []
     with torch.inference_mode():
         model(ids[:, :64], logits_to_keep=1)
-        t0 = time.perf_counter()
-        model(ids, use_cache=True, logits_to_keep=1)
-        dt = time.perf_counter() - t0
-    return {"impl": "transformers", "tokens": n, "seconds": dt, "tok_s": n / dt}
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            times.append(time.perf_counter() - t0)
+    dt = min(times)
+    return {"impl": "transformers", "tokens": n, "seconds": dt, "tok_s": n / dt, "runs": repeats,
+            "load_1m": load[0]}
 
 
-def decode_ours(context: int, steps: int) -> dict[str, Any]:
+def decode_ours(context: int, steps: int, windows: int) -> dict[str, Any]:
     import torch
 
     from streamctx import Engine
@@ -132,17 +151,18 @@ def decode_ours(context: int, steps: int) -> dict[str, Any]:
     s = engine.session("bench")
     s.feed(ids)
     s.generate(4)  # warm-up steps (their tokens stay in the context)
-    gbps = memory_read_gbps()
-    g = s.generate(steps + 1)
-    forwards = len(g.token_ids) - (0 if g.finish_reason == "eos" else 1)
-    tok_s = forwards / g.seconds
-    bytes_per_token = engine.model.weight_nbytes() + _kv_bytes_per_token(context + 4 + steps // 2)
-    bound = gbps * 1e9 / bytes_per_token
-    return {"impl": "streamctx", "tokens": context, "steps": forwards, "tok_s": tok_s, "mem_gbps": gbps,
-            "bound_tok_s": bound, "of_bound": tok_s / bound}
+    load = _load()
+    rates = []
+    for _ in range(windows):
+        g = s.generate(steps + 1)  # steps decode forwards; the last token stays pending
+        forwards = len(g.token_ids) - (0 if g.finish_reason == "eos" else 1)
+        rates.append(forwards / g.seconds)
+    bytes_per_token = engine.model.weight_nbytes() + _kv_bytes_per_token(context + windows * steps // 2)
+    return {"impl": "streamctx", "tokens": context, "steps": steps, "tok_s": max(rates),
+            "bytes_per_token": bytes_per_token, "load_1m": load[0]}
 
 
-def decode_hf(context: int, steps: int) -> dict[str, Any]:
+def decode_hf(context: int, steps: int, windows: int) -> dict[str, Any]:
     import torch
 
     harness.set_threads(THREADS)
@@ -154,33 +174,46 @@ def decode_hf(context: int, steps: int) -> dict[str, Any]:
         for _ in range(4):  # warm-up steps, as for ours
             out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
             pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        gbps = memory_read_gbps()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
-            pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        dt = time.perf_counter() - t0
-    tok_s = steps / dt
-    bound = gbps * 1e9 / (_weight_bytes_hf(model) + _kv_bytes_per_token(context + 4 + steps // 2))
-    return {"impl": "transformers", "tokens": context, "steps": steps, "tok_s": tok_s, "mem_gbps": gbps,
-            "bound_tok_s": bound, "of_bound": tok_s / bound}
+        load = _load()
+        rates = []
+        for _ in range(windows):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
+                pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            rates.append(steps / (time.perf_counter() - t0))
+    bytes_per_token = _weight_bytes_hf(model) + _kv_bytes_per_token(context + windows * steps // 2)
+    return {"impl": "transformers", "tokens": context, "steps": steps, "tok_s": max(rates),
+            "bytes_per_token": bytes_per_token, "load_1m": load[0]}
+
+
+def membw() -> dict[str, Any]:
+    harness.set_threads(THREADS)
+    return {"impl": "torch.sum", "mem_gbps": memory_read_gbps(512 << 20, repeats=10), "load_1m": _load()[0]}
 
 
 CELLS = [
-    *(Cell(f"prefill_{label}_{impl}", fn, {"n": n}, group="prefill", timeout_s=300)
-      for n, label in ((512, "512"), (2048, "2K"), (8192, "8K"))
+    Cell("membw", membw, {}, group="machine", timeout_s=120),
+    *(Cell(f"prefill_{label}_{impl}", fn, {"n": n, "repeats": reps}, group="prefill", timeout_s=400)
+      for n, label, reps in ((512, "512", 3), (2048, "2K", 2), (8192, "8K", 1))
       for impl, fn in (("ours", prefill_ours), ("hf", prefill_hf))),
-    Cell("decode_2K_ours", decode_ours, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS}, group="decode",
+    Cell("decode_2K_ours", decode_ours, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS, "windows": DECODE_WINDOWS}, group="decode",
          timeout_s=300),
-    Cell("decode_2K_hf", decode_hf, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS}, group="decode",
+    Cell("decode_2K_hf", decode_hf, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS, "windows": DECODE_WINDOWS}, group="decode",
          timeout_s=300),
 ]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`vs_hf`: our tokens/s over transformers' in the same row pair; `rss_vs_hf` likewise."""
+    """`vs_hf`: our tokens/s over transformers' in the same row pair; `rss_vs_hf` likewise;
+    decode rows get the bandwidth bound from the `membw` row."""
     by_name = {r["cell"]: r for r in rows}
+    bw = by_name.get("membw", {}).get("mem_gbps")
     for r in rows:
+        if bw and r.get("bytes_per_token"):
+            r["mem_gbps"] = bw
+            r["bound_tok_s"] = bw * 1e9 / r["bytes_per_token"]
+            r["of_bound"] = r["tok_s"] / r["bound_tok_s"]
         if r["cell"].endswith("_ours"):
             peer = by_name.get(r["cell"][: -len("_ours")] + "_hf")
             if peer and peer.get("status") == "ok" and r.get("status") == "ok":
@@ -197,7 +230,7 @@ if __name__ == "__main__":
         prefix="model",
         title="SmolLM2-135M CPU fp32: streamctx vs transformers (same GGUF weights, 2 threads)",
         columns=["cell", "impl", "tokens", "tok_s", "vs_hf", "mem_gbps", "bound_tok_s", "of_bound",
-                 "peak_rss_mib", "rss_vs_hf", "status"],
+                 "peak_rss_mib", "rss_vs_hf", "load_1m", "status"],
         postprocess=add_ratios,
         combined_dir=RESULTS,
     )

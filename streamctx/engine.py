@@ -108,7 +108,7 @@ class Engine:
         dev = _default_device(device)
         dt = _default_dtype(dtype, dev)
         ckpt = load_checkpoint(name_or_path, dtype=dt, cache_dir=cache_dir)
-        weights = dict(ckpt.weights)
+        weights = ckpt.weights  # consumed by the model as it converts them: one copy of the weights at a time
         if isinstance(ckpt.config, LlamaConfig):
             from streamctx.model.llama import LlamaModel
 

@@ -1,8 +1,12 @@
 """Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral) over the paged KV cache.
 
-Functional code over a weights dict taken from the loader (Hugging Face names). At load the
-q/k/v projections are fused into one matmul and gate/up into another; the lm_head runs only on
-the rows whose logits are asked for (the last position of each session unless told otherwise).
+Functional code over a weights dict taken from the loader (Hugging Face names). Weights are used
+in place: when they already have the model's dtype and device nothing is copied, so a
+memory-mapped checkpoint is read straight from the page cache. (Fusing q/k/v and gate/up into
+concatenated matrices would save three small matmul calls per layer but hold a second copy of
+~280 MB for SmolLM2 next to the mapped file; measured, it costs more memory than it saves time.)
+The lm_head runs only on the rows whose logits are asked for (the last position of each session
+unless told otherwise).
 
 The forward is batch-first: `forward([(cache, ids), ...])` packs every session's new tokens into
 one `[N, H]` activation for the dense layers and runs attention per session over its own
@@ -31,13 +35,19 @@ from streamctx.state import StateBlob
 @dataclass(frozen=True)
 class _Layer:
     ln_attn: torch.Tensor  # [H]
-    w_qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
-    b_qkv: torch.Tensor | None
+    w_q: torch.Tensor  # [Hq D, H]
+    w_k: torch.Tensor  # [Hkv D, H]
+    w_v: torch.Tensor  # [Hkv D, H]
+    b_q: torch.Tensor | None
+    b_k: torch.Tensor | None
+    b_v: torch.Tensor | None
     w_o: torch.Tensor  # [H, Hq D]
     b_o: torch.Tensor | None
     ln_mlp: torch.Tensor  # [H]
-    w_gate_up: torch.Tensor  # [2 I, H]
-    b_gate_up: torch.Tensor | None
+    w_gate: torch.Tensor  # [I, H]
+    w_up: torch.Tensor  # [I, H]
+    b_gate: torch.Tensor | None
+    b_up: torch.Tensor | None
     w_down: torch.Tensor  # [H, I]
     b_down: torch.Tensor | None
 
@@ -72,27 +82,25 @@ class LlamaModel:
     def _layer(self, w: Weights, i: int) -> _Layer:
         c, p = self.config, f"model.layers.{i}."
         h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
-        qkv = (("q_proj", c.num_heads * d), ("k_proj", c.num_kv_heads * d), ("v_proj", c.num_kv_heads * d))
-        gu = (("gate_proj", inter), ("up_proj", inter))
-
-        def fused(prefix: str, parts: Sequence[tuple[str, int]], suffix: str, present: bool,
-                  cols: int | None) -> torch.Tensor | None:
-            if not present:
-                return None
-            shape = (lambda rows: (rows, cols)) if cols else (lambda rows: (rows,))
-            return torch.cat([w.take(f"{p}{prefix}.{n}.{suffix}", shape(rows)) for n, rows in parts])
-
+        qd, kvd = c.num_heads * d, c.num_kv_heads * d
+        att, mlp = p + "self_attn.", p + "mlp."
         return _Layer(
             ln_attn=w.take(p + "input_layernorm.weight", (h,)),
-            w_qkv=fused("self_attn", qkv, "weight", True, h),  # type: ignore[arg-type]
-            b_qkv=fused("self_attn", qkv, "bias", c.attention_bias, None),
-            w_o=w.take(p + "self_attn.o_proj.weight", (h, c.num_heads * d)),
-            b_o=w.maybe(p + "self_attn.o_proj.bias", c.o_proj_bias, (h,)),
+            w_q=w.take(att + "q_proj.weight", (qd, h)),
+            w_k=w.take(att + "k_proj.weight", (kvd, h)),
+            w_v=w.take(att + "v_proj.weight", (kvd, h)),
+            b_q=w.maybe(att + "q_proj.bias", c.attention_bias, (qd,)),
+            b_k=w.maybe(att + "k_proj.bias", c.attention_bias, (kvd,)),
+            b_v=w.maybe(att + "v_proj.bias", c.attention_bias, (kvd,)),
+            w_o=w.take(att + "o_proj.weight", (h, qd)),
+            b_o=w.maybe(att + "o_proj.bias", c.o_proj_bias, (h,)),
             ln_mlp=w.take(p + "post_attention_layernorm.weight", (h,)),
-            w_gate_up=fused("mlp", gu, "weight", True, h),  # type: ignore[arg-type]
-            b_gate_up=fused("mlp", gu, "bias", c.mlp_bias, None),
-            w_down=w.take(p + "mlp.down_proj.weight", (h, inter)),
-            b_down=w.maybe(p + "mlp.down_proj.bias", c.mlp_bias, (h,)),
+            w_gate=w.take(mlp + "gate_proj.weight", (inter, h)),
+            w_up=w.take(mlp + "up_proj.weight", (inter, h)),
+            b_gate=w.maybe(mlp + "gate_proj.bias", c.mlp_bias, (inter,)),
+            b_up=w.maybe(mlp + "up_proj.bias", c.mlp_bias, (inter,)),
+            w_down=w.take(mlp + "down_proj.weight", (h, inter)),
+            b_down=w.maybe(mlp + "down_proj.bias", c.mlp_bias, (h,)),
         )
 
     # -- sessions ---------------------------------------------------------------------------------
@@ -134,7 +142,7 @@ class LlamaModel:
         lens = [int(ids.shape[0]) for _, ids in batch]
         ids = batch[0][1] if len(batch) == 1 else torch.cat([ids for _, ids in batch])
         x = F.embedding(ids.to(dev), self.embed)  # [N, H]
-        hq, hkv, d = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.head_dim
+        hq, d = c.num_heads * c.head_dim, c.head_dim
         abs_pos = [torch.arange(cache.n_fed, cache.n_fed + n, device=dev) for (cache, _), n in zip(batch, lens)]
         rope_memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -146,41 +154,33 @@ class LlamaModel:
 
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)  # [N, (Hq + 2 Hkv) D]
+            q_all = F.linear(h, layer.w_q, layer.b_q)  # [N, Hq D]
+            k_all = F.linear(h, layer.w_k, layer.b_k)  # [N, Hkv D]
+            v_all = F.linear(h, layer.w_v, layer.b_v)
             outs = []
             off = 0
             for (cache, _), n, pos in zip(batch, lens, abs_pos):
-                seg = qkv[off:off + n]
-                off += n
                 cos, sin, rpos = rope_for(cache.layers[li].next_rope, n)
-                # q and k rotated together: [Hq + Hkv, n, D]
-                qk = apply_rope(seg[:, :hq + hkv].view(n, c.num_heads + c.num_kv_heads, d).transpose(0, 1), cos, sin)
-                q, k = qk[:c.num_heads], qk[c.num_heads:]  # [Hq, n, D], [Hkv, n, D]
-                v = seg[:, hq + hkv:].view(n, c.num_kv_heads, d).transpose(0, 1)
+                q = apply_rope(q_all[off:off + n].view(n, c.num_heads, d).transpose(0, 1), cos, sin)  # [Hq, n, D]
+                k = apply_rope(k_all[off:off + n].view(n, c.num_kv_heads, d).transpose(0, 1), cos, sin)  # [Hkv, n, D]
+                v = v_all[off:off + n].view(n, c.num_kv_heads, d).transpose(0, 1)
+                off += n
                 past = cache.layers[li].length
                 cache.append(li, k, v, pos, rpos)
                 keys, values = cache.kv(li)
-                policy = cache.policy
-                if policy is not None and getattr(policy, "observes_queries", False):
-                    policy.observe(li, q, rpos)
-                extend = policy is not None and getattr(policy, "extends_attention", False)
                 res = attention(q[None], keys[None], values[None], causal=True, q_offset=past,
-                                window=c.sliding_window, scale=self.scale, return_lse=extend,
-                                return_key_mass=key_mass)
-                if not isinstance(res, tuple):
-                    res = (res,)
-                o = res[0]
+                                window=c.sliding_window, scale=self.scale, return_key_mass=key_mass)
                 if key_mass:
-                    cache.add_key_mass(li, _group_mass(res[-1][0], c.num_kv_heads))
-                if extend:  # keys the policy holds outside the cache (pooled, retrieved, memory)
-                    o = policy.extend(li, q, rpos, o[0], res[1][0], self.rerotate)[None]
+                    o, mass = res
+                    cache.add_key_mass(li, _group_mass(mass[0], c.num_kv_heads))
+                else:
+                    o = res
                 outs.append(o[0].transpose(0, 1).reshape(n, hq))  # [n, Hq D]
             a = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + F.linear(a, layer.w_o, layer.b_o)
             h = rms_norm(x, layer.ln_mlp, c.rms_norm_eps)
-            gu = F.linear(h, layer.w_gate_up, layer.b_gate_up)  # [N, 2 I]
-            g, u = gu.chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, layer.w_down, layer.b_down)
+            gate = F.linear(h, layer.w_gate, layer.b_gate)  # [N, I]
+            x = x + F.linear(F.silu(gate).mul_(F.linear(h, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
         for (cache, _), n in zip(batch, lens):
             cache.n_fed += n
         rows, off = [], 0
