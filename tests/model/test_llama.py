@@ -111,3 +111,20 @@ def test_unsupported_rope_scaling_is_a_clear_error(tmp_path: Path) -> None:
                                            "original_max_position_embeddings": 64})
     with pytest.raises(UnsupportedRopeError, match="yarn"):
         Engine.load(folder)
+
+
+def test_bf16_error_is_bounded_by_transformers_bf16_error(tiny_folders: dict[str, Path]) -> None:
+    """bf16 on CPU: our error vs the fp32 reference is within a small multiple of transformers' own."""
+    import transformers
+
+    from tests.tolerances import assert_lowp_close
+
+    folder = tiny_folders["gqa4-3l"]
+    ids = torch.randint(0, VOCAB, (29,), generator=torch.Generator().manual_seed(5))
+    ref = reference_logits(folder, ids)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        theirs = hf_bf16(ids[None]).logits[0]
+    ours = Engine.load(folder, dtype=torch.bfloat16).session("s").feed(ids, return_logits=True).logits
+    assert ours.dtype == torch.bfloat16
+    assert_lowp_close(ours, theirs, ref, factor=3.0, floor=1e-2)
