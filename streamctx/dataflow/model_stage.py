@@ -43,10 +43,8 @@ class ModelStage:
 
         from streamctx.engine import Engine
 
-        if parts != 1:
-            raise NotImplementedError(
-                "model.stages > 1 needs a layer-range forward from the model runtime "
-                "(LlamaModel.forward(..., layers=range, hidden=...)); not available yet")
+        if parts != 1:  # build_plan refuses this first; see its message
+            raise NotImplementedError("model.stages > 1 is not supported yet")
         src = model["path"] or model["name"]
         if model["path"]:
             p = Path(model["path"]).expanduser()

@@ -61,6 +61,11 @@ def build_plan(spec: JobSpec) -> list[StagePlan]:
     plan += [_user_plan(s, n, spec.sessions) for s in spec.stages if s.place == "pre_model"]
     if spec.model is not None:
         m = spec.model
+        if m.stages > 1:
+            raise NotImplementedError(
+                "model.stages > 1 (layers split over actors) needs a layer-range forward from the model "
+                "runtime (embed / forward over a layer range on hidden states / head), which it does not "
+                "offer yet; use model.replicas to scale out")
         replicas = m.replicas or n
         if m.replica_resources and len(m.replica_resources) != replicas:
             raise ValueError(f"model.replica_resources has {len(m.replica_resources)} entries for {replicas} replicas")

@@ -102,3 +102,12 @@ def test_unknown_policy_is_rejected_by_the_engine(tiny: Path) -> None:
     })
     with pytest.raises(ValueError, match="no_such_policy"):
         run_job(spec)
+
+
+def test_split_model_is_refused_clearly_until_the_runtime_has_a_layer_range_forward(tiny: Path) -> None:
+    spec = JobSpec.from_dict({
+        "name": "s", "source": {"type": "iterator", "obj": []}, "model": {"path": str(tiny), "stages": 2},
+        "runner": {"type": "local"},
+    })
+    with pytest.raises(NotImplementedError, match="layer-range forward"):
+        run_job(spec)
