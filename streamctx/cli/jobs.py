@@ -50,10 +50,11 @@ def build_submission(spec_path: Path, *, working_dir: Path | None = None, out: s
         relative = spec_path.relative_to(root)
     except ValueError:
         raise CLIError(f"the job spec {spec_path} is not inside the working dir {root}") from None
-    argv = ["python", "-m", "streamctx", "run", relative.as_posix(), "--runner", "ray"]
+    # Options first and `--` before the spec, so names starting with `-` stay positional.
+    argv = ["python", "-m", "streamctx", "run", "--runner", "ray"]
     if out:
-        argv += ["--out", out]
-    entrypoint = shlex.join(argv)
+        argv.append(f"--out={out}")
+    entrypoint = shlex.join([*argv, "--", relative.as_posix()])
     return Submission(entrypoint=entrypoint, runtime_env={"working_dir": str(root)})
 
 

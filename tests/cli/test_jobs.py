@@ -6,9 +6,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamctx.cli.errors import EXIT_FAILURE, EXIT_OK, CLIError
 from streamctx.cli.jobs import build_submission, exit_code_for
+from streamctx.cli.parser import build_parser
 
 
 def test_entrypoint_runs_the_spec_relative_to_its_folder(tmp_path: Path) -> None:
@@ -17,7 +20,7 @@ def test_entrypoint_runs_the_spec_relative_to_its_folder(tmp_path: Path) -> None
     spec.write_text("name: x\n")
     sub = build_submission(spec)
     assert sub.runtime_env == {"working_dir": str(spec.parent.resolve())}
-    assert shlex.split(sub.entrypoint) == ["python", "-m", "streamctx", "run", "my job.yaml", "--runner", "ray"]
+    assert shlex.split(sub.entrypoint) == ["python", "-m", "streamctx", "run", "--runner", "ray", "--", "my job.yaml"]
 
 
 def test_working_dir_above_the_spec_and_out(tmp_path: Path) -> None:
@@ -26,7 +29,7 @@ def test_working_dir_above_the_spec_and_out(tmp_path: Path) -> None:
     spec.write_text("name: x\n")
     sub = build_submission(spec, working_dir=tmp_path, out="/shared/run 1")
     assert sub.runtime_env == {"working_dir": str(tmp_path.resolve())}
-    assert shlex.split(sub.entrypoint)[4:] == ["jobs/a.yaml", "--runner", "ray", "--out", "/shared/run 1"]
+    assert shlex.split(sub.entrypoint)[4:] == ["--runner", "ray", "--out=/shared/run 1", "--", "jobs/a.yaml"]
 
 
 def test_spec_outside_working_dir(tmp_path: Path) -> None:
@@ -43,3 +46,24 @@ def test_exit_codes_of_terminal_states() -> None:
     assert exit_code_for("SUCCEEDED") == EXIT_OK
     assert exit_code_for("FAILED") == EXIT_FAILURE
     assert exit_code_for("STOPPED") == EXIT_FAILURE
+
+
+_NAME = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/\\0"), min_size=1, max_size=40
+).filter(lambda s: s not in (".", ".."))
+
+
+@given(name=_NAME, out=st.one_of(st.none(), st.text(min_size=1, max_size=40).filter(lambda s: "\0" not in s)))
+def test_entrypoint_survives_any_file_name(tmp_path_factory: pytest.TempPathFactory, name: str, out: str | None) -> None:
+    """The cluster's shell and our parser see exactly the spec name and --out value, whatever their
+    characters (spaces, quotes, `;`, `$(...)`, a leading `-`)."""
+    folder = tmp_path_factory.mktemp("spec")
+    spec = folder / name
+    try:
+        spec.write_text("name: x\n")
+    except OSError:  # a name this file system refuses (e.g. too long in bytes)
+        return
+    argv = shlex.split(build_submission(spec, out=out).entrypoint)
+    assert argv[:4] == ["python", "-m", "streamctx", "run"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.command, args.spec, args.runner, args.out) == ("run", name, "ray", out)
