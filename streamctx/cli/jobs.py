@@ -1,7 +1,7 @@
 """`submit`, `status`, `logs`, `stop`: streamctx jobs on a Ray cluster through the Ray Jobs API.
 
 A job is the spec's folder shipped as the runtime_env `working_dir` plus the entrypoint
-`python -m streamctx run <spec> --runner ray`, executed by the cluster's job supervisor on the
+`python -m streamctx run --runner ray -- <spec>`, executed by the cluster's job supervisor on the
 head node. The cluster must have streamctx installed (see clusters/README.md).
 """
 
