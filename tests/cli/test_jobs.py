@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -67,3 +68,24 @@ def test_entrypoint_survives_any_file_name(tmp_path_factory: pytest.TempPathFact
     assert argv[:4] == ["python", "-m", "streamctx", "run"]
     args = build_parser().parse_args(argv[3:])
     assert (args.command, args.spec, args.runner, args.out) == ("run", name, "ray", out)
+
+
+def test_connect_sends_the_token_and_the_explicit_address_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.job_submission
+
+    from streamctx.cli import jobs
+
+    seen = {}
+
+    class FakeClient:
+        def __init__(self, address: str, headers: dict[str, str]) -> None:
+            seen.update(address=address, headers=headers, env=os.environ.get("RAY_ADDRESS"))
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", FakeClient)
+    monkeypatch.setenv("RAY_ADDRESS", "http://elsewhere:8265")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
+    jobs.connect("http://head:8265", None)
+    # Ray would let RAY_ADDRESS override the address while the client is built: it is hidden then.
+    assert seen == {"address": "http://head:8265", "headers": {"Authorization": "Bearer tok"}, "env": None}
+    assert os.environ["RAY_ADDRESS"] == "http://elsewhere:8265"
+    assert jobs.default_address() == "http://elsewhere:8265"
