@@ -15,7 +15,6 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 import numpy as np
-import pyarrow as pa
 
 from streamctx.dataflow.executors import LocalExecutor, RayExecutor
 from streamctx.dataflow.plan import build_plan, partition

@@ -1,7 +1,8 @@
 """Keyed stages and the host that runs one replica of one (DESIGN.md contracts 7 and 9).
 
 A stage is any object with `process(batch: pa.RecordBatch) -> pa.RecordBatch | None`, optionally
-`end_session(session_id)`, `session_bytes() -> dict[str, int]` and `close()`. A `StageHost` wraps
+`end_session(session_id)`, `session_bytes() -> dict[str, int]` and `close()`; a stage with neither
+session hook is stateless and skips the lifecycle bookkeeping. A `StageHost` wraps
 one replica of it with the session lifecycle: it ends a session's state in the stage on an `end`
 record, when the segment stage marks a new incarnation (`_fresh`, after an idle TTL), and when a
 session has been idle past the TTL; it dead-letters the batch when the stage raises; it accounts
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -186,8 +187,8 @@ class StageHost:
     def _sweep(self, batch: pa.RecordBatch, now: float) -> None:
         """End sessions idle past the TTL.
 
-        Parts of later batches can reach a replica before parts of earlier ones, so `live` is not
-        sorted by last record; a full scan runs only when the oldest survivor of the previous scan
+        A replica receives batches split by route, and the parts' ordinals interleave, so `live`
+        is not ordered by last record; a full scan runs only when the oldest survivor of the previous scan
         could have expired (`_next_sweep_*`), which keeps sweeps amortised O(1) per record.
         """
         ttl_r, ttl_s = self.sessions.idle_ttl_records, self.sessions.idle_ttl_s
@@ -265,5 +266,3 @@ def _dead_batch(batch: pa.RecordBatch, stage: str, reason: str) -> list[dict[str
     turns = batch.column("turn").to_pylist() if "turn" in names else [None] * batch.num_rows
     return [dead_row(o, reason, stage=stage, session_id=s, turn=t) for o, s, t in zip(offs, sids, turns)]
 
-
-StageFactory = Callable[[], Any]
