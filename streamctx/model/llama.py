@@ -168,13 +168,20 @@ class LlamaModel:
                 past = cache.layers[li].length
                 cache.append(li, k, v, pos, rpos)
                 keys, values = cache.kv(li)
+                policy = cache.policy
+                if policy is not None and getattr(policy, "observes_queries", False):
+                    policy.observe(li, q, rpos)
+                extend = policy is not None and getattr(policy, "extends_attention", False)
                 res = attention(q[None], keys[None], values[None], causal=True, q_offset=past,
-                                window=c.sliding_window, scale=self.scale, return_key_mass=key_mass)
+                                window=c.sliding_window, scale=self.scale, return_lse=extend,
+                                return_key_mass=key_mass)
+                if not isinstance(res, tuple):
+                    res = (res,)
+                o = res[0]
                 if key_mass:
-                    o, mass = res
-                    cache.add_key_mass(li, _group_mass(mass[0], c.num_kv_heads))
-                else:
-                    o = res
+                    cache.add_key_mass(li, _group_mass(res[-1][0], c.num_kv_heads))
+                if extend:  # keys the policy holds outside the cache (pooled, retrieved, memory)
+                    o = policy.extend(li, q, rpos, o[0], res[1][0], self.rerotate)[None]
                 outs.append(o[0].transpose(0, 1).reshape(n, hq))  # [n, Hq D]
             a = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + F.linear(a, layer.w_o, layer.b_o)
