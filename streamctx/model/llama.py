@@ -3,8 +3,8 @@
 Functional code over a weights dict taken from the loader (Hugging Face names). Weights are used
 in place: when they already have the model's dtype and device nothing is copied, so a
 memory-mapped checkpoint is read straight from the page cache. (Fusing q/k/v and gate/up into
-concatenated matrices would save three small matmul calls per layer but hold a second copy of
-~280 MB for SmolLM2 next to the mapped file; measured, it costs more memory than it saves time.)
+concatenated matrices saves three small matmul calls per layer, but the copies sit next to the
+mapped file's pages: for SmolLM2 that measured +250 MB, about +25% peak RSS.)
 The lm_head runs only on the rows whose logits are asked for (the last position of each session
 unless told otherwise).
 
