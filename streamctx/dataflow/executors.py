@@ -32,6 +32,10 @@ class LocalExecutor:
     def result(self, handle: Envelope) -> Envelope:
         return handle
 
+    def queue_depths(self, handles: list[Envelope]) -> list[int]:
+        """In-process stages run on submit: only the sink edge can hold batches."""
+        return [0] * len(self.plan) + [len(handles)]
+
     def finish(self) -> list[list[dict[str, Any]]]:
         return [[h.finish() for h in hosts] for hosts in self.hosts]
 
@@ -117,18 +121,33 @@ class RayExecutor:
         return self.ray.remote(_StageActor).options(
             num_cpus=num_cpus, resources=dict(resources) or None, max_restarts=0, max_concurrency=1).remote()
 
-    def submit(self, route: tuple[int, ...], env: Envelope) -> Any:
+    def submit(self, route: tuple[int, ...], env: Envelope) -> list[Any]:
+        """Chain the route's stage calls; the handle is every stage's output ref (the last is the result)."""
+        refs: list[Any] = []
         ref: Any = env
         for k, r in enumerate(route):
             ref = self.actors[k][r].step.remote(ref)
-        return ref
+            refs.append(ref)
+        return refs
 
-    def done(self, handle: Any) -> bool:
-        ready, _ = self.ray.wait([handle], timeout=0)
+    def done(self, handle: list[Any]) -> bool:
+        ready, _ = self.ray.wait([handle[-1]], timeout=0)
         return bool(ready)
 
-    def result(self, handle: Any) -> Envelope:
-        return self.ray.get(handle)
+    def result(self, handle: list[Any]) -> Envelope:
+        return self.ray.get(handle[-1])
+
+    def queue_depths(self, handles: list[list[Any]]) -> list[int]:
+        """Batches waiting on each edge: into stage k (done upstream, not yet by k), then into the sink."""
+        n = len(self.plan)
+        flat = [h[k] for h in handles for k in range(n)]
+        if not flat:
+            return [0] * (n + 1)
+        ready, _ = self.ray.wait(flat, num_returns=len(flat), timeout=0, fetch_local=False)
+        ready_ids = {r.hex() for r in ready}
+        done = [sum(h[k].hex() in ready_ids for h in handles) for k in range(n)]
+        upstream = [len(handles)] + done
+        return [upstream[k] - done[k] for k in range(n)] + [done[-1]]
 
     def finish(self) -> list[list[dict[str, Any]]]:
         return [self.ray.get([a.finish.remote() for a in acts]) for acts in self.actors]

@@ -66,6 +66,10 @@ class _Driver:
         self.throttled_s = 0.0
         self.sink_s = 0.0
         self.latencies: list[tuple[float, int]] = []  # (seconds, records) per delivered part
+        self.edges = [p.name for p in plan] + ["sink"]
+        self.depth_max = [0] * len(self.edges)
+        self.depth_sum = [0] * len(self.edges)
+        self.depth_samples = 0
         self.t0 = time.perf_counter()
 
     def run(self) -> JobResult:
@@ -76,6 +80,8 @@ class _Driver:
         seq = 0
         while True:
             self._drain(block=False)
+            if self.inflight and self.inflight_records + bs > bound:
+                self._sample_depths()
             while self.inflight and self.inflight_records + bs > bound:
                 t = time.perf_counter()
                 self._drain_one()
@@ -130,6 +136,14 @@ class _Driver:
             self.on_progress(Progress(self.n_in, self.n_out, self.n_dead, self.inflight_records,
                                       time.perf_counter() - self.t0, self.resume_offset))
 
+    def _sample_depths(self) -> None:
+        """Batches queued on each edge, sampled whenever the in-flight bound throttles the source."""
+        depths = self.ex.queue_depths([h for h, *_ in self.inflight])
+        self.depth_samples += 1
+        for i, d in enumerate(depths):
+            self.depth_max[i] = max(self.depth_max[i], d)
+            self.depth_sum[i] += d
+
     def _dead(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             self.dl_sink.write(dead_table(rows))
@@ -170,6 +184,10 @@ class _Driver:
             "in_flight": {"bound": self.spec.runner.max_in_flight, "max_records": self.max_inflight_records,
                           "max_batches": self.max_inflight_batches},
             "throttled_s": self.throttled_s,
+            # Edge "x": batches waiting to enter stage x (or the sink), sampled at each throttle.
+            "queue_depth": {e: {"max": self.depth_max[i],
+                                "mean": self.depth_sum[i] / self.depth_samples if self.depth_samples else 0.0}
+                            for i, e in enumerate(self.edges)},
             "sink_s": self.sink_s,
             "stages": stage_metrics,
         }

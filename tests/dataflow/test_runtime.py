@@ -134,6 +134,10 @@ def test_backpressure_bounds_in_flight_records_with_a_slow_sink(runner: str, ray
     assert received == res.records_out == n
     assert 0 < worst <= bound
     assert res.metrics["in_flight"]["max_records"] <= bound
+    depth = res.metrics["queue_depth"]
+    assert set(depth) == {"segment", "history", "upper", "sink"}
+    # Queued batches never exceed what the bound allows in flight (every edge, sink included).
+    assert all(0 <= d["max"] <= res.metrics["in_flight"]["max_batches"] for d in depth.values())
     if runner == "ray":
         assert res.metrics["throttled_s"] > 0  # the slow consumer really slowed the source
 
