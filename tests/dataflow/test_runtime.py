@@ -213,3 +213,17 @@ def test_resume_offset_replays_exactly_the_rest(tmp_path: Path) -> None:
     rest = run_job(JobSpec.from_dict(
         {**base, "source": {"type": "jsonl", "path": "in.jsonl", "start_offset": offsets[7]}}, base_dir=tmp_path))
     assert rest.outputs.column("offset").to_pylist() == offsets[7:]
+
+
+def test_wall_clock_idle_ttl_ends_a_quiet_session() -> None:
+    def source():
+        yield {"session_id": "a", "turn": 0, "role": "user", "text": "first"}
+        yield {"session_id": "b", "turn": 0, "role": "user", "text": "other", "end": True}
+        time.sleep(0.3)  # "a" is idle for longer than its TTL
+        yield {"session_id": "a", "turn": 1, "role": "user", "text": "second", "end": True}
+
+    res = run_job(_spec(source(), replicas=1, runner={"batch_size": 1}, sessions={"idle_ttl_s": 0.1}),
+                  runner="local")
+    assert res.outputs.column("history").to_pylist() == ["FIRST", "OTHER", "SECOND"]
+    assert res.sessions.ended == {"end": 2, "ttl": 1, "close": 0}
+    assert res.sessions.live == 0 and res.sessions.bytes == 0
