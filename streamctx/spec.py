@@ -133,6 +133,7 @@ class RunnerSpec(_Section):
     `key_groups`: fixed number of routing groups (a session's group never changes; replicas own
     whole groups). `batch_size`: records per Arrow batch read from the source.
     `max_in_flight`: records between the source and the sink at any moment (every edge included).
+    `start_timeout_s`: how long Ray may take to place the stage actors (and load their models).
     """
 
     type: Literal["local", "ray"] = "ray"
@@ -141,6 +142,7 @@ class RunnerSpec(_Section):
     key_groups: int = Field(default=128, ge=1, le=1 << 16)
     batch_size: int = Field(default=64, ge=1)
     max_in_flight: int = Field(default=1024, ge=1)
+    start_timeout_s: float = Field(default=300.0, gt=0)
 
 
 class SinkSpec(_Section):

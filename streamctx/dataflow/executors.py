@@ -88,7 +88,8 @@ def _pool_key(num_cpus: float, resources: dict[str, float]) -> tuple[Any, ...]:
 
 
 class RayExecutor:
-    def __init__(self, plan: list[StagePlan], *, address: Optional[str] = None) -> None:
+    def __init__(self, plan: list[StagePlan], *, address: Optional[str] = None,
+                 start_timeout_s: float = 300.0) -> None:
         import ray
 
         global _pool_owner
@@ -106,8 +107,14 @@ class RayExecutor:
         self.keys = [[_pool_key(p.num_cpus, p.resources_for(r)) for r in range(p.replicas)] for p in plan]
         self.actors = [[self._acquire(key) for key in keys] for keys in self.keys]
         try:
-            self.nodes = [ray.get([a.load.remote(p, r) for r, a in enumerate(acts)])
-                          for p, acts in zip(plan, self.actors)]
+            refs = [[a.load.remote(p, r) for r, a in enumerate(acts)] for p, acts in zip(plan, self.actors)]
+            self.nodes = [ray.get(rs, timeout=start_timeout_s) for rs in refs]
+        except ray.exceptions.GetTimeoutError:
+            self.shutdown(reuse=False)
+            wanted = {p.name: {"num_cpus": p.num_cpus, "resources": [p.resources_for(r) for r in range(p.replicas)]}
+                      for p in plan}
+            raise RuntimeError(f"stage actors were not placed within {start_timeout_s:.0f} s; the cluster "
+                               f"lacks the CPUs or custom resources they ask for: {wanted}") from None
         except Exception:
             self.shutdown(reuse=False)
             raise
@@ -162,7 +169,9 @@ class RayExecutor:
         for keys, acts in zip(self.keys, self.actors):
             for key, a in zip(keys, acts):
                 free = _pool.setdefault(key, [])
-                if reuse and len(free) < _POOL_MAX:
+                # Only actors that reserve nothing are kept: an idle actor holding CPUs or custom
+                # resources could starve other work on the same Ray.
+                if reuse and key == _pool_key(0.0, {}) and len(free) < _POOL_MAX:
                     free.append(a)
                 else:
                     self.ray.kill(a)

@@ -42,7 +42,7 @@ def run_job(
         raise ValueError(f"runner must be 'local' or 'ray', got {kind!r}")
     plan = build_plan(spec)
     executor: Any = LocalExecutor(plan) if kind == "local" else RayExecutor(
-        plan, address=address or spec.runner.address)
+        plan, address=address or spec.runner.address, start_timeout_s=spec.runner.start_timeout_s)
     try:
         return _Driver(spec, kind, plan, executor, on_progress).run()
     finally:

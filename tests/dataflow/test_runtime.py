@@ -227,3 +227,10 @@ def test_wall_clock_idle_ttl_ends_a_quiet_session() -> None:
     assert res.outputs.column("history").to_pylist() == ["FIRST", "OTHER", "SECOND"]
     assert res.sessions.ended == {"end": 2, "ttl": 1, "close": 0}
     assert res.sessions.live == 0 and res.sessions.bytes == 0
+
+
+def test_unplaceable_stage_actors_fail_clearly_instead_of_hanging(ray_stages) -> None:
+    spec = _spec([], runner={"start_timeout_s": 3}, stage_list=[
+        {"name": "nowhere", "cls": stages.PassThrough, "resources": {"no_such_node": 1}}])
+    with pytest.raises(RuntimeError, match="not placed within 3 s.*no_such_node"):
+        run_job(spec, runner="ray")
