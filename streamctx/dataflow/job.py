@@ -56,11 +56,13 @@ class _Driver:
         self.on_progress = on_progress
         self.sink = open_sink(spec)
         self.dl_sink = open_sink(spec, dead_letter=True)
-        self.inflight: deque[tuple[Any, int, int, float]] = deque()  # (handle, records, resume offset, t_submit)
+        # (handle, records, source offset to resume from once delivered (-1: none), submit time)
+        self.inflight: deque[tuple[Any, int, int, float]] = deque()
         self.inflight_records = 0
         self.n_in = self.n_out = self.n_dead = 0
         self.bytes_in = 0
         self.resume_offset = spec.source.start_offset
+        self.committed_offset = spec.source.start_offset
         self.max_inflight_records = 0
         self.max_inflight_batches = 0
         self.throttled_s = 0.0
@@ -93,9 +95,12 @@ class _Driver:
             batch, dead, seq = validate_records(raws, seq)
             self._dead(dead)
             resume = raws[-1].next_offset
-            if batch is None:
-                if not self.inflight:
+            if batch is None:  # all dead: the offset moves on with the last batch still in flight
+                if self.inflight:
+                    self.inflight[-1] = (*self.inflight[-1][:2], resume, self.inflight[-1][3])
+                else:
                     self.resume_offset = resume
+                    self._commit_point()
                 continue
             self.bytes_in += batch.nbytes
             parts = partition(batch, self.plan, spec.runner.key_groups)
@@ -110,6 +115,7 @@ class _Driver:
         self._drain(block=True)
         stats = self.ex.finish()
         files = self.sink.close() + self.dl_sink.close()
+        self._commit_point()
         return self._result(stats, files)
 
     # --- delivery --------------------------------------------------------------------------------
@@ -132,9 +138,16 @@ class _Driver:
         self.sink_s += time.perf_counter() - t
         if off >= 0:
             self.resume_offset = off
+        self._commit_point()
         if self.on_progress is not None:
             self.on_progress(Progress(self.n_in, self.n_out, self.n_dead, self.inflight_records,
-                                      time.perf_counter() - self.t0, self.resume_offset))
+                                      time.perf_counter() - self.t0, self.committed_offset))
+
+    def _commit_point(self) -> None:
+        """Everything before `resume_offset` is in the sinks; once they hold nothing uncommitted,
+        a replay from there loses nothing (the offset a restart may use)."""
+        if self.sink.flushed() and self.dl_sink.flushed():
+            self.committed_offset = self.resume_offset
 
     def _sample_depths(self) -> None:
         """Batches queued on each edge, sampled whenever the in-flight bound throttles the source."""
@@ -196,7 +209,7 @@ class _Driver:
             metrics["nodes"] = {p.name: nodes for p, nodes in zip(self.plan, self.ex.nodes)}
         return JobResult(
             name=self.spec.name, runner=self.kind, records_in=self.n_in, records_out=self.n_out,
-            dead_letters=self.n_dead, elapsed_s=elapsed, last_offset=self.resume_offset,
+            dead_letters=self.n_dead, elapsed_s=elapsed, last_offset=self.committed_offset,
             sessions=sessions, metrics=metrics,
             outputs=self.sink.table() if isinstance(self.sink, MemorySink) else None,
             dead_letter=self.dl_sink.table() if isinstance(self.dl_sink, MemorySink) else None,

@@ -10,7 +10,10 @@ import pyarrow as pa
 
 @dataclass(frozen=True)
 class Progress:
-    """A snapshot passed to `on_progress` after each batch reaches the sink."""
+    """A snapshot passed to `on_progress` after each batch reaches the sink.
+
+    `last_offset` is the committed replay offset (see `JobResult.last_offset`).
+    """
 
     records_in: int
     records_out: int
@@ -42,7 +45,8 @@ class JobResult:
 
     outputs/dead_letter: the rows written (kept in memory only for the `memory` sink; None otherwise).
     metrics: throughput, in-flight bound, queue depths, throttled time, per-stage timings.
-    last_offset: the source offset after the last record that reached the sink (replay from here).
+    last_offset: the source offset to replay from: every record before it is committed to the sink
+    (for file sinks: in a committed part file).
     """
 
     name: str

@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 
 class Sink(Protocol):
     def write(self, batch: pa.RecordBatch | pa.Table) -> None: ...
+    def flushed(self) -> bool:
+        """True when everything written so far is committed (nothing is only buffered)."""
+        ...
     def close(self) -> list[str]:
         """Commit what is buffered; the committed file paths (empty for non-file sinks)."""
         ...
@@ -49,6 +52,9 @@ class FileSink:
         self._rows += batch.num_rows
         if self._rows >= self.rows_per_file:
             self._commit()
+
+    def flushed(self) -> bool:
+        return not self._buf
 
     def _commit(self) -> None:
         if not self._buf:
@@ -90,6 +96,9 @@ class MemorySink:
         if batch.num_rows:
             self.parts.append(_as_table(batch))
 
+    def flushed(self) -> bool:
+        return True
+
     def table(self) -> Optional[pa.Table]:
         return _concat(self.parts) if self.parts else None
 
@@ -106,6 +115,9 @@ class CallbackSink:
     def write(self, batch: pa.RecordBatch | pa.Table) -> None:
         if batch.num_rows:
             self.fn(batch)
+
+    def flushed(self) -> bool:
+        return True
 
     def close(self) -> list[str]:
         return []

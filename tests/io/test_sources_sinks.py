@@ -139,3 +139,19 @@ def test_memory_and_callback_sinks() -> None:
     c.write(pa.RecordBatch.from_pylist(ROWS[:2]))
     c.write(pa.RecordBatch.from_pylist(ROWS[:0], schema=pa.RecordBatch.from_pylist(ROWS[:1]).schema))
     assert got == [2]
+
+
+def test_committed_offset_only_moves_when_file_parts_are_committed(tmp_path: Path) -> None:
+    from streamctx.dataflow import run_job
+    from streamctx.spec import JobSpec
+
+    _jsonl(tmp_path / "in.jsonl", ROWS)
+    progress = []
+    spec = JobSpec.from_dict({"name": "c", "source": {"type": "jsonl", "path": "in.jsonl"}, "model": None,
+                              "runner": {"type": "local", "batch_size": 4},
+                              "sink": {"type": "jsonl", "path": "out", "rows_per_file": 10}}, base_dir=tmp_path)
+    res = run_job(spec, on_progress=progress.append)
+    offsets = [r.offset for r in JsonlSource(tmp_path / "in.jsonl").records()] + [(tmp_path / "in.jsonl").stat().st_size]
+    # Commits after 12 and 23 rows (rows_per_file=10, batches of 4): the replay offset follows them.
+    assert sorted({p.last_offset for p in progress}) == [0, offsets[12], offsets[23]]
+    assert res.last_offset == offsets[23]
