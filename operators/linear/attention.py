@@ -113,9 +113,9 @@ def linear_attention(
         z = z + phi_k.sum(-2)
         num = phi_q @ S
         den = phi_q @ z[..., None]
-    elif t == 1:  # decode: one recurrent step, no chunk machinery
+    elif t <= 1:  # decode: one recurrent step (or none), no chunk machinery
         S = S + phi_k.transpose(-1, -2) @ v_w
-        z = z + phi_k[:, :, 0]
+        z = z + phi_k.sum(-2)
         num = phi_q @ S
         den = phi_q @ z[..., None]
     else:

@@ -156,7 +156,7 @@ def selective_scan(
     if Cg.shape[1] != groups:
         raise ValueError(f"B and C must have the same number of groups; got {Bg.shape[1]} and {Cg.shape[1]}")
     heads = dim // groups
-    A_g = A.to(work).view(groups, heads, state_n)
+    A_g = A.to(work).reshape(groups, heads, state_n)
     if initial_state is None:
         x = u_w.new_zeros(batch, groups, heads, state_n)
     elif initial_state.shape != (batch, dim, state_n):
@@ -165,9 +165,11 @@ def selective_scan(
     else:
         x = initial_state.to(work).reshape(batch, groups, heads, state_n)
 
-    u_g = u_w.view(batch, groups, heads, length)
-    delta_g = delta_w.view(batch, groups, heads, length)
-    if length == 1:
+    u_g = u_w.reshape(batch, groups, heads, length)  # reshape: u often arrives transposed from [B, L, Dm]
+    delta_g = delta_w.reshape(batch, groups, heads, length)
+    if length == 0:
+        y = u_g.new_zeros(u_g.shape)
+    elif length == 1:
         y, x = _step(u_g, delta_g, A_g, Bg, Cg, x)
     else:
         chunk = max(1, min(chunk_size or DEFAULT_CHUNK, length))

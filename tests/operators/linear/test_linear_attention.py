@@ -128,6 +128,13 @@ def test_gradients_match_reference(t, chunk, feature_map, causal, use_checkpoint
         assert_close(a, b, scale=10.0, msg=f"d/d{name}")
 
 
+def test_empty_sequence_keeps_the_state():
+    q, k, v = make_qkv(1, 2, 0, 3, 2, torch.float32, 0)
+    state = make_state(1, 2, 3, 2, torch.float32, 0)
+    out, new = linear_attention(q, k, v, initial_state=state, return_state=True)
+    assert out.shape == (1, 2, 0, 2) and torch.equal(new.S, state.S) and torch.equal(new.z, state.z)
+
+
 def test_bad_arguments_raise_clear_errors():
     q, k, v = make_qkv(1, 1, 4, 3, 2, torch.float32, 0)
     with pytest.raises(ValueError, match="feature_map"):

@@ -189,6 +189,18 @@ def test_checkpoint_keeps_fewer_activations():
     assert saved_bytes(True) * 4 < saved_bytes(False)
 
 
+def test_transposed_inputs_and_empty_sequence():
+    """u and delta often arrive as [B, L, Dm] transposed views; L = 0 returns empty and keeps the state."""
+    args = pick(make_inputs(2, 6, 3, 20, 0, torch.float64, 4), True, True, True, True)
+    strided = {k: (v.transpose(1, 2).contiguous().transpose(1, 2) if k in ("u", "delta", "z") else v)
+               for k, v in args.items()}
+    assert not strided["u"].is_contiguous()
+    assert_close(selective_scan(**strided, chunk_size=8), naive.selective_scan(**args))
+    empty = {k: (v[..., :0] if k in ("u", "delta", "B", "C", "z") else v) for k, v in args.items()}
+    y, state = selective_scan(**empty, return_state=True)
+    assert y.shape == (2, 6, 0) and torch.equal(state, args["initial_state"])
+
+
 def test_bad_shapes_raise_clear_errors():
     args = pick(make_inputs(1, 4, 3, 5, 0, torch.float32, 0), False, False, False, False)
     with pytest.raises(ValueError, match="B must be"):
