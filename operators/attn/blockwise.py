@@ -34,6 +34,7 @@ __all__ = ["attention", "DEFAULT_CHUNK", "SMALL_TQ"]
 
 DEFAULT_CHUNK = 256
 SMALL_TQ = 16  # at or below this many queries: one query block, no loop over key blocks
+COALESCE_KEYS = 2048  # adjacent key segments up to this span run as one masked call
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,24 @@ def _segments(spec: _Spec, p0: int, p1: int, bk: int, device: torch.device,
                 segs.append(_Segment(j0, j1, m))
     if run_start is not None:
         segs.append(_Segment(run_start, spec.tk, None))
-    return segs
+    return segs if split_full is not None else _coalesce(segs, p1 - p0, device)
+
+
+def _coalesce(segs: list[_Segment], rows: int, device: torch.device) -> list[_Segment]:
+    """Join adjacent segments into one masked call while the span stays <= COALESCE_KEYS.
+
+    Fewer, larger kernel calls and no lse merges between them: a sliding window becomes one call
+    per query block. Many tiny ops are what a shared CPU punishes most (thread wake-ups)."""
+    out: list[_Segment] = []
+    for seg in segs:
+        prev = out[-1] if out else None
+        if prev is not None and prev.j1 == seg.j0 and seg.j1 - prev.j0 <= COALESCE_KEYS:
+            masks = [m if m is not None else torch.ones(rows, s.j1 - s.j0, dtype=torch.bool, device=device)
+                     for s, m in ((prev, prev.mask), (seg, seg.mask))]
+            out[-1] = _Segment(prev.j0, seg.j1, torch.cat(masks, 1))
+        else:
+            out.append(seg)
+    return out
 
 
 # ------------------------------------------------------------------------------------- query blocks
