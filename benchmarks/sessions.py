@@ -285,9 +285,12 @@ def bandwidth(tier: str, n_states: int = 24, tokens: int = 128) -> dict[str, Any
 
 
 CELLS = [
-    Cell("bw_host", bandwidth, {"tier": "host"}, group="bandwidth", timeout_s=300),
-    Cell("bw_disk", bandwidth, {"tier": "disk"}, group="bandwidth", timeout_s=300),
-    Cell("bw_peer", bandwidth, {"tier": "peer"}, group="bandwidth", timeout_s=300),
+    # 128-token states (2.8 MiB, as in the throughput cells) and 1024-token states (22.5 MiB, a
+    # long-context session's KV): per-move overheads matter for the first, bandwidth for the second.
+    Cell(f"bw_{tier}_{tokens}tok", bandwidth, {"tier": tier, "tokens": tokens, "n_states": n},
+         group="bandwidth", timeout_s=300)
+    for tokens, n in [(128, 24), (1024, 6)]
+    for tier in ["host", "disk", "peer"]
 ] + [
     Cell(f"tput_{turn}_{mode}", throughput, {"mode": mode, "turn": turn}, group=f"throughput_{turn}",
          timeout_s=900)

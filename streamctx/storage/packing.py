@@ -59,3 +59,23 @@ def unpack_blob(header: dict[str, Any], buf: np.ndarray) -> StateBlob:
         raw = torch.from_numpy(data[off : off + n].copy())
         tensors[name] = raw.view(dt).reshape(shape) if n else torch.empty(shape, dtype=dt)
     return StateBlob(header["kind"], tensors, dict(header["meta"]))
+
+
+def unpack_parts(header: dict[str, Any], parts: list[np.ndarray]) -> StateBlob:
+    """Inverse of `pack_views`: one array per non-empty tensor; the result owns fresh CPU tensors."""
+    if header.get("format") != PACK_FORMAT:
+        raise StateFormatError(f"not a packed streamctx state (format={header.get('format')!r})")
+    tensors: dict[str, torch.Tensor] = {}
+    it = iter(parts)
+    for name, dtype_name, shape, _, n in header["tensors"]:
+        dt = _dtype(dtype_name)
+        if not n:
+            tensors[name] = torch.empty(shape, dtype=dt)
+            continue
+        part = next(it, None)
+        if part is None or part.nbytes != n:
+            raise StateFormatError(f"packed state part of tensor {name!r} is missing or has the wrong size")
+        raw = torch.empty(n, dtype=torch.uint8)
+        raw.numpy()[:] = np.asarray(part, dtype=np.uint8).reshape(-1)
+        tensors[name] = raw.view(dt).reshape(shape)
+    return StateBlob(header["kind"], tensors, dict(header["meta"]))

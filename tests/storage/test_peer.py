@@ -27,3 +27,14 @@ def test_peer_tier_roundtrip_and_choice_by_free_budget(ray_local) -> None:
     assert tier.used() == 6 * n
     for s in stores:
         ray_local.kill(s)
+
+
+def test_failed_store_loses_nothing_not_yet_confirmed(ray_local) -> None:
+    stores = spawn_state_stores(1, capacity=10**8)
+    tier = PeerTier(stores)
+    tier.put("a", kv_blob(1, 8))
+    assert tier.get("a").equal(kv_blob(1, 8))  # confirmed: now held by the store
+    ray_local.kill(stores[0])
+    tier.put("b", kv_blob(2, 8))  # the store is gone: the driver's copy keeps serving it
+    assert tier.get("b").equal(kv_blob(2, 8))
+    assert tier.failed_puts() == 1
