@@ -10,7 +10,8 @@ Run without arguments it is the parent: every cell that has no JSON yet under th
 is run as `python script.py --cell NAME --json PATH` in its own process, so the child's peak RSS
 (`ru_maxrss` never falls inside one process) belongs to that cell alone; the parent reads it with
 `os.wait4`. Cells already done are skipped (resume), `--cap SECONDS` stops launching new cells once
-the budget is spent (a partial run still counts), `--only SUBSTR` picks cells, `--redo` reruns.
+the budget is spent (a partial run still counts; `--cap -1` only rebuilds the table from the cell
+JSONs), `--only SUBSTR` picks cells, `--redo` reruns.
 Finally all cell JSONs are combined into `<results>/<prefix>.json` and `<prefix>.md`, and printed.
 
 Helpers for cell functions: `time_fn` (median wall time of repeated calls after warm-up),
