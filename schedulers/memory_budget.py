@@ -65,7 +65,9 @@ class MemoryBudgetScheduler:
         self._queue: list[str] = []
         self._clock = 0
         self._moves: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])  # count, bytes, seconds
-        self._counts = {"hits": 0, "misses": 0, "prefetch_hits": 0, "prefetches": 0, "late_prefetches": 0, "admits": 0, "drops": 0}
+        self._counts = dict.fromkeys(
+            ["hits", "misses", "prefetch_hits", "prefetches", "late_prefetches", "admits", "drops"], 0
+        )
         self._stall_s = 0.0
         self._thread: threading.Thread | None = None
         self._stop = False
