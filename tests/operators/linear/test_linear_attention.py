@@ -128,6 +128,25 @@ def test_gradients_match_reference(t, chunk, feature_map, causal, use_checkpoint
         assert_close(a, b, scale=10.0, msg=f"d/d{name}")
 
 
+def test_checkpoint_keeps_fewer_activations():
+    """checkpoint=True recomputes each block of chunks in backward: the saved graph is smaller."""
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 2048, 16, 16, torch.float32, 0))
+
+    def saved_bytes(use_checkpoint: bool) -> int:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            linear_attention(q, k, v, chunk_size=32, checkpoint=use_checkpoint)
+        return total
+
+    assert saved_bytes(True) * 2 < saved_bytes(False)
+
+
 def test_empty_sequence_keeps_the_state():
     q, k, v = make_qkv(1, 2, 0, 3, 2, torch.float32, 0)
     state = make_state(1, 2, 3, 2, torch.float32, 0)
