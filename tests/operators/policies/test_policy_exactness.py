@@ -44,7 +44,9 @@ def small_policies() -> dict[str, object]:
         "snapkv": SnapKVPolicy(selected=9, window=12, observe_window=5, kernel=3, slack=4),
         "hierarchical": HierarchicalPolicy(sinks=2, window=14, group=4, factor=2, per_level=3, levels=2, slack=3),
         "compressive": CompressivePolicy(sinks=2, window=15, gate=0.3, slack=4),
-        "retrieval": RetrievalPolicy(sinks=2, window=13, topk=2, block=4, q_group=3, slack=3),
+        "retrieval": RetrievalPolicy(sinks=2, window=13, topk=3, block=4, q_group=3, slack=3),
+        "retrieval_bound": RetrievalPolicy(sinks=2, window=13, topk=2, block=4, q_group=2, slack=3,
+                                           score="bound", neighbors=False),
     }
 
 
@@ -187,9 +189,10 @@ def test_sink_window_positions_are_inside_the_cache() -> None:
     assert s.cache.layers[0].next_rope == pos.numel()
 
 
-def test_retrieval_recalls_a_planted_block() -> None:
+@pytest.mark.parametrize("score", ["mean", "bound"])
+def test_retrieval_recalls_a_planted_block(score: str) -> None:
     """Keys of one block point along u; a query along u retrieves that block and reads its values."""
-    policy = RetrievalPolicy(sinks=2, window=16, topk=1, block=8, q_group=4, slack=7)
+    policy = RetrievalPolicy(sinks=2, window=16, topk=1, block=8, q_group=4, slack=7, score=score)
     s = Stream(policy, 200, seed=3)
     g = torch.Generator().manual_seed(7)
     u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
@@ -207,7 +210,14 @@ def test_retrieval_recalls_a_planted_block() -> None:
     assert_close(out, ref)
     assert policy.last_selection[0][-1].tolist() == [5]
     assert out[:, -1].mean() > 2.5, "the planted values must dominate the read"
-    assert policy.host_nbytes() == host.n * (HKV * 8 * D * 2 + HKV * D * 2) * 4
+    assert policy.host_nbytes() == host.n * (HKV * 8 * D * 2 + HKV * D * 3) * 4
+
+
+def test_retrieval_adds_the_better_neighbour_of_each_chosen_block() -> None:
+    policy = RetrievalPolicy(topk=4, block=4, slack=3)
+    score = torch.tensor([[0.0, 0.1, 0.9, 0.2, 0.0, 0.0, 0.05, 0.8, 0.0, 0.3]])
+    assert policy.pick(score).tolist() == [[2, 3, 6, 7]]
+    assert RetrievalPolicy(topk=4, block=4, slack=3, neighbors=False).pick(score).tolist() == [[2, 3, 7, 9]]
 
 
 def test_heavy_hitter_keeps_the_keys_with_most_mass() -> None:
