@@ -129,18 +129,23 @@ def _cells() -> list[Cell]:
     """Cheap, decisive cells first, so a capped run still gets the comparisons; 64K and the 8K dense
     reference last."""
     cells: list[Cell] = []
-    for t in (16 * K, 64 * K, 8 * K):
-        impls = (["ours", "flex"] if t >= 16 * K else []) + (["sdpa_mask"] if t <= 16 * K else [])
-        cells += [Cell(f"window{WINDOW}_T{t // K}K_{i}", window, {"impl": i, "t": t}, group="window")
-                  for i in impls]
+
+    def add(group: str, fn, name: str, **params) -> None:
+        cells.append(Cell(name, fn, params, group=group))
+
+    for t in (16 * K, 64 * K):
+        for impl in ("ours", "flex"):
+            add("window", window, f"window{WINDOW}_T{t // K}K_{impl}", impl=impl, t=t)
     for density in (0.1, 0.3, 1.0):
-        cells.append(Cell(f"sparse_T16K_d{int(density * 100)}", sparse,
-                          {"impl": "ours", "t": 16 * K, "density": density}, group="block-sparse"))
+        add("block-sparse", sparse, f"sparse_T16K_d{int(density * 100)}", impl="ours", t=16 * K, density=density)
     for t in (1 * K, 4 * K, 16 * K):
-        impls = ["ours", "sdpa"] + (["naive"] if t <= 4 * K else [])
-        cells += [Cell(f"causal_T{t // K}K_{i}", causal, {"impl": i, "t": t}, group="causal") for i in impls]
-    cells.append(Cell("causal_T64K_ours", causal, {"impl": "ours", "t": 64 * K}, group="causal"))
-    cells.append(Cell("causal_T8K_naive", causal, {"impl": "naive", "t": 8 * K}, group="causal"))
+        for impl in ("ours", "sdpa"):
+            add("causal", causal, f"causal_T{t // K}K_{impl}", impl=impl, t=t)
+    for t in (8 * K, 16 * K):
+        add("window", window, f"window{WINDOW}_T{t // K}K_sdpa_mask", impl="sdpa_mask", t=t)
+    add("causal", causal, "causal_T64K_ours", impl="ours", t=64 * K)
+    for t in (1 * K, 4 * K, 8 * K):
+        add("causal", causal, f"causal_T{t // K}K_naive", impl="naive", t=t)
     return cells
 
 
