@@ -11,14 +11,17 @@ Standalone:
 
 writes `benchmarks/results/operators_recurrent.json` and `.md` (cells under `operators_recurrent/cells/`).
 
-Cells (two threads, B=1):
+Cells (one thread, see THREADS; B=1):
 - scan (Dm=256, N=16, L=4K and 16K; Mamba's initialisation: A = -[1..N], delta = softplus(x + dt_bias)
   with dt in [1e-3, 0.1]): `chunked` (ours) vs `reference` (our sequential loop, the definition) vs
   `transformers` (transformers' torch Mamba scan, `mamba_selective_scan`, the path MambaMixer takes
   without CUDA kernels). The chunked cell also reports its max |error| against the reference on a 1K
   prefix. A `decode` cell times one L=1 step (the decoder's per-token call).
 - linear attention (H=8, D=64, T=16K, elu+1): `chunked` vs `recurrent` (the loop reference).
-Loops are timed on the whole length (the slowest takes seconds, not minutes), so nothing is extrapolated.
+Loops are timed once on the whole length (the slowest takes seconds, not minutes), so nothing is
+extrapolated; the chunked paths take the median of 3 runs after a warm-up. Each row records the
+1-minute load average (`load_1m`): the machine has 2 cores, and a value well above 2 means other
+work shared them during the cell.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from benchmarks.harness import Cell  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CELLS_DIR = RESULTS / "operators_recurrent"
-THREADS = 2
+# One thread: on the shared 2-core machine a descheduled second OpenMP thread stalls every parallel op
+# (exp on 4096 elements already goes parallel) by milliseconds, which hits the per-step loops hardest.
+THREADS = 1
 K = 1024
 DM, N = 256, 16
 H, D = 8, 64
@@ -91,10 +96,12 @@ def scan(impl: str, t: int) -> dict[str, Any]:
     args = _scan_inputs(t)
     fn = _scan_fn(impl)
     rss_inputs = harness_rss()
+    loop = impl != "chunked"  # the loops run for seconds: one timed run, no warm-up
     with torch.no_grad():
-        seconds = harness.time_fn(lambda: fn(args), warmup=1, repeats=3, max_time_s=30.0)
+        seconds = harness.time_fn(lambda: fn(args), warmup=0 if loop else 1, repeats=1 if loop else 3,
+                                  max_time_s=30.0)
         row: dict[str, Any] = {"time_s": seconds, "inputs_rss_mib": rss_inputs,
-                               "tokens_per_s": t / seconds}
+                               "tokens_per_s": t / seconds, "load_1m": _load()}
         if impl == "chunked":
             prefix = {k: (v[..., :K] if v.dim() == 3 else v) for k, v in args.items()}
             ref = _scan_fn("reference")(prefix)
@@ -113,7 +120,7 @@ def scan_decode(impl: str, t: int) -> dict[str, Any]:
     kw = {} if impl == "transformers" else {"initial_state": state, "return_state": True}
     with torch.no_grad():
         seconds = harness.time_fn(lambda: fn(args, **kw), warmup=3, repeats=200, max_time_s=5.0)
-    return {"time_s": seconds, "inputs_rss_mib": harness_rss(), "tokens_per_s": 1 / seconds}
+    return {"time_s": seconds, "inputs_rss_mib": harness_rss(), "tokens_per_s": 1 / seconds, "load_1m": _load()}
 
 
 def linear(impl: str, t: int) -> dict[str, Any]:
@@ -126,14 +133,24 @@ def linear(impl: str, t: int) -> dict[str, Any]:
     q, k, v = (torch.randn(1, H, t, D, generator=g) for _ in range(3))
     fn = linear_attention if impl == "chunked" else naive.linear_attention
     rss_inputs = harness_rss()
+    loop = impl != "chunked"
     with torch.no_grad():
-        seconds = harness.time_fn(lambda: fn(q, k, v), warmup=1, repeats=3, max_time_s=30.0)
-        row: dict[str, Any] = {"time_s": seconds, "inputs_rss_mib": rss_inputs, "tokens_per_s": t / seconds}
+        seconds = harness.time_fn(lambda: fn(q, k, v), warmup=0 if loop else 1, repeats=1 if loop else 3,
+                                  max_time_s=30.0)
+        row: dict[str, Any] = {"time_s": seconds, "inputs_rss_mib": rss_inputs, "tokens_per_s": t / seconds,
+                               "load_1m": _load()}
         if impl == "chunked":
             sl = slice(0, K)
             ref = naive.linear_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl])
             row["max_abs_err_vs_reference"] = (fn(q[:, :, sl], k[:, :, sl], v[:, :, sl]) - ref).abs().max().item()
     return row
+
+
+def _load() -> float:
+    """1-minute load average when the cell finished: above ~2 the 2-core machine was shared."""
+    import os
+
+    return round(os.getloadavg()[0], 2)
 
 
 def harness_rss() -> float:
@@ -176,9 +193,9 @@ def postprocess(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 COLUMNS = ["group", "impl", "t", "time_s", "tokens_per_s", "speedup_vs_reference", "speedup_vs_transformers",
-           "speedup_vs_recurrent", "max_abs_err_vs_reference", "peak_rss_mib", "extra_mib", "status"]
+           "speedup_vs_recurrent", "max_abs_err_vs_reference", "peak_rss_mib", "extra_mib", "load_1m", "status"]
 
 if __name__ == "__main__":
     harness.main(cells(), results=CELLS_DIR, prefix="operators_recurrent",
-                 title="Recurrent operators (CPU fp32, B=1, 2 threads)", columns=COLUMNS,
+                 title="Recurrent operators (CPU fp32, B=1, 1 thread)", columns=COLUMNS,
                  postprocess=postprocess, combined_dir=RESULTS)
