@@ -79,10 +79,12 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
     any_wide = bool(wide.any())
     # Inside the budget exp(-Lc) = 1 / exp(Lc) <= e^budget. Wide rows are recomputed below; under
     # autograd they are clamped first so no inf reaches a gradient, otherwise their inf/NaN is overwritten.
-    if any_wide and not inplace:
+    if inplace:
+        grow = log_decay.neg_().exp_()  # log_decay is not needed again (wide rows use per-step sums)
+    elif any_wide:
         grow = torch.exp(-log_decay.clamp(-budget, budget))
     else:
-        grow = decay.reciprocal()
+        grow = torch.exp(-log_decay)
     du = (delta * u).reshape(b, g, h, k, chunk, 1)
     B_c = Bg.reshape(b, g, 1, k, chunk, n)
     # acc_t = sum_{s<=t} exp(-Lc_s) delta_s u_s B_s = states / decay, for elements inside the budget.
@@ -93,7 +95,10 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
         step_log_decay = delta_c[..., 0][idx[:4]] * A[idx[1], idx[2], idx[4]][:, None]  # [M, Q]
         wide_inputs = du[..., 0][idx[:4]] * B_c[:, :, 0][idx[0], idx[1], idx[3], :, idx[4]]  # [M, Q]
         wide_local = _segsum_states(step_log_decay, wide_inputs)
-        acc = acc.masked_fill_(wide[..., None, :], 0.0) if inplace else acc.masked_fill(wide[..., None, :], 0.0)
+        if inplace:
+            acc.transpose(-1, -2).index_put_(idx, acc.new_zeros(()))
+        else:
+            acc = acc.masked_fill(wide[..., None, :], 0.0)
         local_end = local_end.index_put(idx, wide_local[:, -1])
     # State hand-off between chunks: x_start[c+1] = exp(Lc_end[c]) x_start[c] + local_end[c].
     chunk_decay = decay[..., -1, :]
@@ -101,7 +106,7 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
     x = x0
     for c in range(k):
         starts.append(x)
-        x = chunk_decay[..., c, :] * x + local_end[..., c, :]
+        x = torch.addcmul(local_end[..., c, :], chunk_decay[..., c, :], x)
     x_start = torch.stack(starts, dim=-2)[..., None, :]  # [B, G, H, K, 1, N]
     c_chunks = Cg.reshape(b, g, 1, k, chunk, n)
     if inplace:
