@@ -77,8 +77,8 @@ def _block(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bg: torch.Tens
     # Bound on max_t |Lc_t| per chunk and element, without touching the [.., Q, N] tensor again.
     wide = A.abs()[:, :, None, :] * delta_c.abs().sum(-2) > budget  # [B, G, H, K, N]
     any_wide = bool(wide.any())
-    # Inside the budget exp(-Lc) = 1 / exp(Lc) <= e^budget. Wide rows are recomputed below; under
-    # autograd they are clamped first so no inf reaches a gradient, otherwise their inf/NaN is overwritten.
+    # Inside the budget exp(-Lc) <= e^budget. Wide rows are recomputed below; under autograd they are
+    # clamped first so no inf reaches a gradient, otherwise their inf/NaN is simply overwritten.
     if inplace:
         grow = log_decay.neg_().exp_()  # log_decay is not needed again (wide rows use per-step sums)
     elif any_wide:
