@@ -22,8 +22,17 @@ SMALL: dict[str, dict[str, Any]] = {
     "snapkv": {"name": "snapkv", "selected": 128, "window": 128},
     "hierarchical": {"name": "hierarchical", "sinks": 4, "window": 200, "group": 16, "per_level": 8, "levels": 3},
     "compressive": {"name": "compressive", "sinks": 4, "window": 250},
-    "retrieval": {"name": "retrieval", "sinks": 4, "window": 124, "topk": 2, "block": 64},
+    "retrieval": {"name": "retrieval", "sinks": 4, "window": 124, "topk": 2, "block": 64, "q_group": 256},
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Tiny matmuls: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
