@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 import sys
@@ -38,7 +39,7 @@ from benchmarks.harness import Cell  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "longctx"
 PREFIX = "longctx_quality"
-THREADS = 2
+THREADS = int(os.environ.get("LONGCTX_THREADS", "2"))
 CHUNK = 512
 BUCKET = 1024
 
