@@ -9,6 +9,9 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
   transformers: a loop of `model(next, past_key_values=..., logits_to_keep=1)` (no generate()
   overhead). Decode is reported as a fraction of the bandwidth bound: rate / (weight bytes + KV
   bytes attended per token), with the rate from the `membw` cell of the same run.
+- paired_*: ours and transformers in ONE process, runs alternated (ours, hf, ours, hf, ...), best
+  of each: both see the same background load, so `vs_hf` is fair on a shared machine even when the
+  separate cells above ran under different load (their peak RSS is per cell; a paired cell's is not).
 - membw: the machine's memory read rate, best of 10 `torch.sum` passes over a 512 MiB buffer (far
   bigger than cache); its own cell, so the buffer does not count in the decode cells' peak RSS.
 
@@ -187,6 +190,49 @@ def decode_hf(context: int, steps: int, windows: int) -> dict[str, Any]:
             "bytes_per_token": bytes_per_token, "load_1m": load[0]}
 
 
+def paired(kind: str, n: int, rounds: int) -> dict[str, Any]:
+    """Alternate ours and transformers on the same prompt in one process (see module docstring)."""
+    import torch
+
+    from streamctx import Engine
+
+    harness.set_threads(THREADS)
+    ids = _prompt(n)
+    engine = Engine.load("smollm2", dtype=torch.float32, device="cpu")
+    model = _hf_model()
+    ours: list[float] = []
+    theirs: list[float] = []
+    load = _load()
+    with torch.inference_mode():
+        if kind == "prefill":
+            x = torch.tensor([ids])
+            for i in range(rounds):
+                s = engine.session(f"p{i}")
+                t0 = time.perf_counter()
+                s.feed(ids)
+                ours.append(n / (time.perf_counter() - t0))
+                s.close()
+                t0 = time.perf_counter()
+                model(x, use_cache=True, logits_to_keep=1)
+                theirs.append(n / (time.perf_counter() - t0))
+        else:
+            s = engine.session("d")
+            s.feed(ids)
+            s.generate(4)
+            out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(rounds):
+                g = s.generate(DECODE_STEPS + 1)
+                ours.append((len(g.token_ids) - (0 if g.finish_reason == "eos" else 1)) / g.seconds)
+                t0 = time.perf_counter()
+                for _ in range(DECODE_STEPS):
+                    out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
+                    pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                theirs.append(DECODE_STEPS / (time.perf_counter() - t0))
+    return {"impl": "both, alternated", "tokens": n, "tok_s": max(ours), "hf_tok_s": max(theirs),
+            "vs_hf": max(ours) / max(theirs), "rounds": rounds, "load_1m": load[0]}
+
+
 def membw() -> dict[str, Any]:
     harness.set_threads(THREADS)
     return {"impl": "torch.sum", "mem_gbps": memory_read_gbps(512 << 20, repeats=10), "load_1m": _load()[0]}
@@ -201,6 +247,10 @@ CELLS = [
          timeout_s=300),
     Cell("decode_2K_hf", decode_hf, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS, "windows": DECODE_WINDOWS}, group="decode",
          timeout_s=300),
+    Cell("paired_prefill_512", paired, {"kind": "prefill", "n": 512, "rounds": 3}, group="paired", timeout_s=300),
+    Cell("paired_prefill_2K", paired, {"kind": "prefill", "n": 2048, "rounds": 2}, group="paired", timeout_s=400),
+    Cell("paired_decode_2K", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3}, group="paired",
+         timeout_s=400),
 ]
 
 
@@ -229,7 +279,7 @@ if __name__ == "__main__":
         results=CELLS_DIR,
         prefix="model",
         title="SmolLM2-135M CPU fp32: streamctx vs transformers (same GGUF weights, 2 threads)",
-        columns=["cell", "impl", "tokens", "tok_s", "vs_hf", "mem_gbps", "bound_tok_s", "of_bound",
+        columns=["cell", "impl", "tokens", "tok_s", "hf_tok_s", "vs_hf", "mem_gbps", "bound_tok_s", "of_bound",
                  "peak_rss_mib", "rss_vs_hf", "load_1m", "status"],
         postprocess=add_ratios,
         combined_dir=RESULTS,
