@@ -370,6 +370,9 @@ class Session:
         if self.last_logits is not None:
             blob.tensors["last_logits"] = self.last_logits.contiguous()
         blob.meta.update(model=self.engine.fingerprint, policy=self.policy.config(), messages=self.messages)
+        # What a bounded policy holds outside the cache (retrieval's host blocks, a memory).
+        for name, t in getattr(self.policy, "state_tensors", dict)().items():
+            blob.tensors[f"policy.{name}"] = t
         return blob.to_bytes()
 
     @classmethod
@@ -390,6 +393,14 @@ class Session:
             raise EngineError(f"cannot restore session {session_id!r}: {exc}") from None
         logits = blob.tensors.get("last_logits")
         s.last_logits = None if logits is None else logits.to(engine.model.device)
+        pol_state = {k[len("policy."):]: t for k, t in blob.tensors.items() if k.startswith("policy.")}
+        if pol_state or s.policy.bounded:
+            try:
+                getattr(s.policy, "load_state_tensors", lambda t: None)(pol_state)
+            except (KeyError, ValueError) as exc:
+                raise EngineError(f"cannot restore session {session_id!r}: policy state: {exc}") from None
+            if hasattr(s.state, "policy"):
+                s.state.policy = s.policy  # bound before the next forward, so its hooks see the first step
         s.messages = list(blob.meta.get("messages", []))
         return s
 

@@ -218,6 +218,7 @@ class LlamaModel:
                 "n_new": list(state.n_new)}
         return StateBlob("llama.session", tensors, meta)
 
+    @torch.inference_mode()  # writes into pool tensors that forward may have grown (inference tensors)
     def state_from_blob(self, blob: StateBlob) -> SessionKV:
         c = self.config
         state = self.new_state()
