@@ -131,6 +131,15 @@ class PolicyBase:
     def host_nbytes(self) -> int:
         return 0
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What the policy holds beyond its parameters (saved with the session), by name."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_tensors` returned (on a fresh policy with the same parameters)."""
+        if tensors:
+            raise ValueError(f"policy {self.name!r} holds no state, got {sorted(tensors)[:3]}")
+
     def decide(self, view: CacheView) -> Keep:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -54,6 +54,13 @@ class CompressivePolicy(BoundedPolicy):
         """The layer's memory: M `[1, Hkv, D, D]`, z `[1, Hkv, D]` (fp32), or None before any eviction."""
         return self._memory.get(layer)
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{layer}.{name}": t for layer, mem in self._memory.items() for name, t in zip("Mz", mem)}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for layer in {int(k.split(".")[0]) for k in tensors}:
+            self._memory[layer] = MemoryState(tensors[f"{layer}.M"], tensors[f"{layer}.z"])
+
     def decide(self, view: CacheView) -> Keep:
         if not self.over(view):
             return KEEP_ALL

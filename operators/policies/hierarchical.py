@@ -94,6 +94,22 @@ class HierarchicalPolicy(BoundedPolicy):
                 out = _cat(out, lvl)
         return out
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer, levels in self._levels.items():
+            for i, lvl in enumerate(levels):
+                if lvl is not None:
+                    for name in ("k", "v", "n", "start"):
+                        out[f"{layer}.{i}.{name}"] = getattr(lvl, name).contiguous()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key in tensors:
+            layer, i, _ = key.split(".")
+            levels = self._levels.setdefault(int(layer), [None] * self.levels)
+            p = f"{layer}.{i}."
+            levels[int(i)] = _Level(tensors[p + "k"], tensors[p + "v"], tensors[p + "n"], tensors[p + "start"])
+
     def summary_positions(self, n: int) -> torch.Tensor:
         """RoPE positions `[n]` of the n summaries (oldest first), right-aligned in the gap."""
         return torch.arange(n) + self.sinks + self.extra_keys - n

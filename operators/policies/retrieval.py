@@ -126,6 +126,30 @@ class RetrievalPolicy(BoundedPolicy):
     def host_blocks(self, layer: int) -> HostBlocks | None:
         return self._host.get(layer)
 
+    _FIELDS = ("k", "v", "kmin", "kmax", "kmean", "pos")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer, h in self._host.items():
+            for name in self._FIELDS:
+                t = getattr(h, name)
+                out[f"{layer}.{name}"] = (t[:h.n] if name == "pos" else t[:, :h.n]).contiguous()
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for layer in sorted({int(k.split(".")[0]) for k in tensors}):
+            k = tensors[f"{layer}.k"]
+            h = HostBlocks(k.shape[0], k.shape[2], k.shape[3], k.dtype)
+            h._grow(k.shape[1])
+            for name in self._FIELDS:
+                t = tensors[f"{layer}.{name}"]
+                if name == "pos":
+                    h.pos[:t.shape[0]] = t
+                else:
+                    getattr(h, name)[:, :t.shape[1]] = t
+            h.n = k.shape[1]
+            self._host[layer] = h
+
     # -- eviction ---------------------------------------------------------------------------------
     def decide(self, view: CacheView) -> Keep:
         if not self.over(view):

@@ -45,6 +45,12 @@ class SnapKVPolicy(BoundedPolicy):
         out.pop("_queries", None)
         return out
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {str(layer): q for layer, q in self._queries.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._queries = {int(k): t for k, t in tensors.items()}
+
     def observe(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor) -> None:
         """Remember the last `observe_window` queries `[Hq, w, D]` of `layer`."""
         prev = self._queries.get(layer)

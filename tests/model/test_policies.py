@@ -93,3 +93,20 @@ def test_full_policy_is_untouched_by_the_hooks(folder: Path) -> None:
     s = engine.session("f")
     s.feed(torch.randint(3, VOCAB, (300,), generator=torch.Generator().manual_seed(2)))
     assert s.state.policy is None and s.state.length(0) == 300
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_save_restore_continues_identically_with_policy_state(folder: Path, name: str) -> None:
+    """Contract 4 with a bounded policy: what it holds outside the cache travels with the session."""
+    engine = Engine.load(folder, policy=SMALL[name], block_size=16, prefill_chunk=256)
+    gen = torch.Generator().manual_seed(3)
+    a = engine.session("a")
+    a.feed(torch.randint(3, VOCAB, (1500,), generator=gen))
+    data = a.save()
+    more = torch.randint(3, VOCAB, (300,), generator=gen)
+    want = a.feed(more, return_logits=True).logits
+    b = engine.session("b", state=data)
+    assert type(b.policy) is type(a.policy) and b.policy.config() == a.policy.config()
+    got = b.feed(more, return_logits=True).logits
+    assert torch.equal(got, want)
+    assert b.policy.host_nbytes() == a.policy.host_nbytes()
