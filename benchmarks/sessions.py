@@ -294,8 +294,8 @@ CELLS = [
 ] + [
     Cell(f"tput_{turn}_{mode}", throughput, {"mode": mode, "turn": turn}, group=f"throughput_{turn}",
          timeout_s=900)
-    for turn in ["light", "model_like"]
-    for mode in ["unbounded", "lookahead", "lru"]
+    for turn, mode in [("model_like", "unbounded"), ("model_like", "lookahead"), ("light", "unbounded"),
+                       ("light", "lookahead"), ("model_like", "lru"), ("light", "lru")]
 ]
 
 COLUMNS = ["cell", "status", "turns_per_s", "vs_unbounded", "hit_rate", "stall_s", "spills", "restores",
