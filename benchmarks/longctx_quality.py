@@ -55,8 +55,10 @@ BUDGET_POLICIES: dict[str, dict[str, Any]] = {
     # Not a budget policy: the model with a 4K context at every position (the "full at 4K" reference
     # for perplexity deep into the stream, over the same tokens).
     "context_4k": {"name": "sink_window", "sinks": 4, "window": 4092},
+    # The `quality` preset (a 2K budget: 4 sinks + 1020 recent + 16 x 64 retrieved).
+    "retrieval_2k": {"name": "retrieval", "sinks": 4, "window": 1020, "topk": 16, "block": 64},
 }
-BOUNDED = [p for p in BUDGET_POLICIES if p not in ("full", "context_4k")]
+BOUNDED = [p for p in BUDGET_POLICIES if p not in ("full", "context_4k", "retrieval_2k")]
 DEPTHS = (0.1, 0.5, 0.9)
 TRIALS = 3
 
@@ -314,6 +316,7 @@ def _needles(p: str, n: int) -> Cell:
 K = 1024
 CELLS: list[Cell] = [
     *[_pk("retrieval", 16 * K, d) for d in DEPTHS],                       # required
+    *[_pk("retrieval_2k", 16 * K, d) for d in DEPTHS],
     _ppl("sink_window", 32 * K), _ppl("retrieval", 32 * K), _ppl("full", 8 * K), _ppl("context_4k", 32 * K),
     *[_cost(p, n) for p in ("sink_window", "retrieval") for n in (4 * K, 32 * K)],
     *[_cost(p, n) for p in ("full", "hf_full") for n in (4 * K, 8 * K)],
@@ -407,6 +410,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {
         "passkey_retrieval_16k": acc("retrieval", 16), "passkey_retrieval_32k": acc("retrieval", 32),
+        "passkey_retrieval_2k_budget_16k": acc("retrieval_2k", 16),
         "passkey_full_4k": acc("full", 4), "passkey_full_8k": acc("full", 8),
         "ppl_sink_window_32k_last2k_over_full_2k_4k": ratio(get("ppl_sink_window_32k", "ppl_last_2k"),
                                                              get("ppl_full_8k", "ppl_2k_4k")),
