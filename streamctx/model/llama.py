@@ -137,11 +137,30 @@ class LlamaModel:
 
         Returns per session `[T_i, V]` where `all_logits` asks for it, else `[V]` (last position).
         """
-        c, dev = self.config, self.device
         flags = [all_logits] * len(batch) if isinstance(all_logits, bool) else list(all_logits)
         lens = [int(ids.shape[0]) for _, ids in batch]
         ids = batch[0][1] if len(batch) == 1 else torch.cat([ids for _, ids in batch])
-        x = F.embedding(ids.to(dev), self.embed)  # [N, H]
+        x = self.embed_ids(ids)
+        x = self.forward_layers([cache for cache, _ in batch], x, lens, key_mass=key_mass)
+        return self.head(x, lens, flags)
+
+    # The three parts of `forward`, also run apart by a pipeline split over layer ranges
+    # (streamctx.model.pipeline): embed -> layer ranges -> head.
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids `[N]` -> hidden states `[N, H]`."""
+        return F.embedding(ids.to(self.device), self.embed)
+
+    @torch.inference_mode()
+    def forward_layers(self, caches: Sequence[SessionKV], x: torch.Tensor, lens: Sequence[int], *,
+                       layers: range | None = None, key_mass: bool = False) -> torch.Tensor:
+        """Run `layers` (default: all) over `x [N, H]`, the packed new tokens of each session
+        (`lens[i]` rows each, in order), appending to the caches; returns `x [N, H]`.
+
+        Each cache holds exactly these layers: its layer `j` is model layer `layers[j]`.
+        """
+        c, dev = self.config, self.device
+        layers = range(c.num_layers) if layers is None else layers
+        batch = [(cache, None) for cache in caches]
         hq, d = c.num_heads * c.head_dim, c.head_dim
         abs_pos = [torch.arange(cache.n_fed, cache.n_fed + n, device=dev) for (cache, _), n in zip(batch, lens)]
         rope_memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -152,7 +171,7 @@ class LlamaModel:
                 rope_memo[start, n] = (cos, sin, torch.arange(start, start + n, device=dev))
             return rope_memo[start, n]
 
-        for li, layer in enumerate(self.layers):
+        for li, layer in enumerate(self.layers[layers.start:layers.stop]):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
             q_all = F.linear(h, layer.w_q, layer.b_q)  # [N, Hq D]
             k_all = F.linear(h, layer.w_k, layer.b_k)  # [N, Hkv D]
@@ -190,6 +209,11 @@ class LlamaModel:
             x = x + F.linear(F.silu(gate).mul_(F.linear(h, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
         for (cache, _), n in zip(batch, lens):
             cache.n_fed += n
+        return x
+
+    def head(self, x: torch.Tensor, lens: Sequence[int], flags: Sequence[bool]) -> list[torch.Tensor]:
+        """Final norm and lm_head on `x [N, H]`: per session `[T_i, V]` where `flags[i]`, else `[V]`."""
+        c = self.config
         rows, off = [], 0
         for n, flag in zip(lens, flags):
             rows.append(x[off:off + n] if flag else x[off + n - 1:off + n])
