@@ -43,12 +43,13 @@ class ModelStage:
 
         from streamctx.engine import Engine
 
-        if parts != 1:  # build_plan refuses this first; see its message
-            raise NotImplementedError("model.stages > 1 is not supported yet")
+        if parts != 1:  # build_model_stage gives a split model to PipelinedModelStage
+            raise ValueError(f"ModelStage runs the whole model (parts=1), got parts={parts}")
         src = model["path"] or model["name"]
         if model["path"]:
             p = Path(model["path"]).expanduser()
             src = str(p if p.is_absolute() else Path(base_dir) / p)
+        self.source = src
         device = None if model["device"] in (None, "auto") else model["device"]
         self.engine = Engine.load(src, policy=engine_policy(policy), dtype=model["dtype"], device=device)
         self.policy_name = str(policy.get("type") or policy.get("preset"))
@@ -128,4 +129,8 @@ def _cached_tokens(session: Any) -> int:
 
 
 def build_model_stage(**payload: Any) -> ModelStage:
+    if payload.get("parts", 1) > 1:  # model.stages > 1: layers split over actors
+        from streamctx.dataflow.pipeline_stage import PipelinedModelStage
+
+        return PipelinedModelStage(**payload)
     return ModelStage(**payload)

@@ -61,24 +61,19 @@ def build_plan(spec: JobSpec) -> list[StagePlan]:
     plan += [_user_plan(s, n, spec.sessions) for s in spec.stages if s.place == "pre_model"]
     if spec.model is not None:
         m = spec.model
-        if m.stages > 1:
-            raise NotImplementedError(
-                "model.stages > 1 (layers split over actors) needs a layer-range forward from the model "
-                "runtime (embed / forward over a layer range on hidden states / head), which it does not "
-                "offer yet; use model.replicas to scale out")
         replicas = m.replicas or n
         if m.replica_resources and len(m.replica_resources) != replicas:
             raise ValueError(f"model.replica_resources has {len(m.replica_resources)} entries for {replicas} replicas")
-        for k in range(m.stages):
-            if m.stage_resources:
-                res = (m.stage_resources[k],) * replicas
-            else:
-                res = tuple(m.replica_resources) if m.replica_resources else (m.resources,) * replicas
-            name = "model" if m.stages == 1 else f"model.{k}"
-            plan.append(StagePlan(name, "model", replicas, spec.sessions, m.num_cpus, res, {
-                "model": m.model_dump(), "policy": dict(spec.policy), "base_dir": spec.base_dir,
-                "part": k, "parts": m.stages,
-            }))
+        # With model.stages > 1 this is the first layer stage; it starts the later ones itself
+        # (streamctx.dataflow.pipeline_stage), placed by stage_resources[1:].
+        if m.stage_resources:
+            res = (m.stage_resources[0],) * replicas
+        else:
+            res = tuple(m.replica_resources) if m.replica_resources else (m.resources,) * replicas
+        plan.append(StagePlan("model", "model", replicas, spec.sessions, m.num_cpus, res, {
+            "model": m.model_dump(), "policy": dict(spec.policy), "base_dir": spec.base_dir,
+            "part": 0, "parts": m.stages,
+        }))
     plan += [_user_plan(s, n, spec.sessions) for s in spec.stages if s.place == "post_model"]
     return plan
 

@@ -104,10 +104,10 @@ def test_unknown_policy_is_rejected_by_the_engine(tiny: Path) -> None:
         run_job(spec)
 
 
-def test_split_model_is_refused_clearly_until_the_runtime_has_a_layer_range_forward(tiny: Path) -> None:
+def test_more_layer_stages_than_layers_is_refused_clearly(tiny: Path) -> None:
     spec = JobSpec.from_dict({
-        "name": "s", "source": {"type": "iterator", "obj": []}, "model": {"path": str(tiny), "stages": 2},
+        "name": "s", "source": {"type": "iterator", "obj": []}, "model": {"path": str(tiny), "stages": 3},
         "runner": {"type": "local"},
     })
-    with pytest.raises(NotImplementedError, match="layer-range forward"):
+    with pytest.raises(ValueError, match="model.stages: cannot split 2 layers into 3 stages"):
         run_job(spec)
