@@ -1,6 +1,7 @@
 """Issue-2 operator benchmark: exact attention vs torch SDPA / FlexAttention / the dense reference.
 
-CPU fp32, B=1, H=8, D=64, two threads; every cell in its own subprocess (peak RSS per cell).
+CPU fp32, B=1, H=8, D=64, two threads (window and block-sparse also at one thread, where a shared
+machine's load distorts least); wall time best-of-runs plus the process's CPU time; every cell in its own subprocess (peak RSS per cell).
 - causal: ours vs `scaled_dot_product_attention(is_causal=True)` (and the dense reference <= 8K);
 - sliding window w=1024: ours vs compiled FlexAttention with a sliding-window block mask, and vs SDPA
   with an explicit boolean mask (8K and 16K only);
@@ -16,8 +17,10 @@ Writes `benchmarks/results/operators.json` and `operators.md`; cell JSONs under
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +49,20 @@ def _rss_mib() -> float:
 
 
 def _measure(fn, *, repeats: int, max_time_s: float, rss_inputs: float) -> dict[str, Any]:
-    """Best-of-`repeats` wall time; `rss_inputs` is the RSS once inputs exist (before any setup)."""
-    seconds = harness.time_fn(fn, warmup=1 if repeats > 1 else 0, repeats=repeats, max_time_s=max_time_s)
-    return {"time_s": seconds, "inputs_rss_mib": round(rss_inputs, 1)}
+    """Best-of-`repeats` wall time and this process's CPU time of a run (best of the same runs: on a
+    shared machine load inflates wall time, CPU time much less), the 1-minute load average, and
+    `rss_inputs`, the RSS once inputs exist (before any setup)."""
+    cpu: list[float] = []
+
+    def timed() -> None:
+        start = time.process_time()
+        fn()
+        cpu.append(time.process_time() - start)
+
+    seconds = harness.time_fn(timed, warmup=1 if repeats > 1 else 0, repeats=repeats, max_time_s=max_time_s)
+    timed_cpu = cpu[1:] if repeats > 1 and len(cpu) > 1 else cpu
+    return {"time_s": seconds, "cpu_s": round(min(timed_cpu), 4), "load_1m": round(os.getloadavg()[0], 2),
+            "inputs_rss_mib": round(rss_inputs, 1)}
 
 
 # ------------------------------------------------------------------------------------------ cells
@@ -70,12 +84,12 @@ def causal(impl: str, t: int) -> dict[str, Any]:
                         rss_inputs=rss)
 
 
-def window(impl: str, t: int) -> dict[str, Any]:
+def window(impl: str, t: int, threads: int = THREADS) -> dict[str, Any]:
     import torch
 
     from streamctx.operators.attn import attention, naive
 
-    harness.set_threads(THREADS)
+    harness.set_threads(threads)
     q, k, v = _inputs(t)
     rss = _rss_mib()
     extra: dict[str, Any] = {}
@@ -85,8 +99,6 @@ def window(impl: str, t: int) -> dict[str, Any]:
         mask = naive.visible_mask(t, t, window=WINDOW)
         fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     elif impl == "flex":
-        import time
-
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         def sliding(b, h, qi, kv):
@@ -105,12 +117,12 @@ def window(impl: str, t: int) -> dict[str, Any]:
         return {**_measure(fn, repeats=5, max_time_s=30, rss_inputs=rss), **extra}
 
 
-def sparse(impl: str, t: int, density: float) -> dict[str, Any]:
+def sparse(impl: str, t: int, density: float, threads: int = THREADS) -> dict[str, Any]:
     import torch
 
     from streamctx.operators.attn import attention, patterns
 
-    harness.set_threads(THREADS)
+    harness.set_threads(threads)
     q, k, v = _inputs(t)
     rss = _rss_mib()
     bs = 128
@@ -133,11 +145,13 @@ def _cells() -> list[Cell]:
     def add(group: str, fn, name: str, **params) -> None:
         cells.append(Cell(name, fn, params, group=group))
 
-    for t in (16 * K, 64 * K):
-        for impl in ("ours", "flex"):
-            add("window", window, f"window{WINDOW}_T{t // K}K_{impl}", impl=impl, t=t)
-    for density in (0.1, 0.3, 1.0):
-        add("block-sparse", sparse, f"sparse_T16K_d{int(density * 100)}", impl="ours", t=16 * K, density=density)
+    for threads, tag in ((THREADS, ""), (1, "_1t")):  # one thread: the comparison load disturbs least
+        for t in (16 * K, 64 * K):
+            for impl in ("ours", "flex"):
+                add("window", window, f"window{WINDOW}_T{t // K}K_{impl}{tag}", impl=impl, t=t, threads=threads)
+        for density in (0.1, 0.3, 1.0):
+            add("block-sparse", sparse, f"sparse_T16K_d{int(density * 100)}{tag}", impl="ours", t=16 * K,
+                density=density, threads=threads)
     for t in (1 * K, 4 * K, 16 * K):
         for impl in ("ours", "sdpa"):
             add("causal", causal, f"causal_T{t // K}K_{impl}", impl=impl, t=t)
@@ -177,26 +191,29 @@ PEERS = {"causal": "sdpa", "window": "flex", "block-sparse": None}
 
 def _postprocess(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Add `ratio_vs_peer` (time / peer's time in the same group and T) and `extra_mib`."""
-    peer_time = {(r["group"], r.get("t")): r["time_s"] for r in rows
+    def key(r: dict[str, Any]) -> tuple:
+        return r["group"], r.get("t"), r.get("threads", THREADS)
+
+    peer_time = {key(r): r["time_s"] for r in rows
                  if r.get("status") == "ok" and r.get("impl") == PEERS.get(r["group"])}
-    dense = {r.get("t"): r["time_s"] for r in rows
+    dense = {key(r): r["time_s"] for r in rows
              if r.get("group") == "block-sparse" and r.get("density") == 1.0 and r.get("status") == "ok"}
     for r in rows:
         if r.get("status") != "ok" or "time_s" not in r:
             continue
-        if r["group"] == "block-sparse" and r.get("t") in dense:
-            r["ratio_vs_peer"] = r["time_s"] / dense[r["t"]]
+        if r["group"] == "block-sparse" and key(r) in dense:
+            r["ratio_vs_peer"] = r["time_s"] / dense[key(r)]
             r["peer"] = "100% density"
-        elif (r["group"], r.get("t")) in peer_time:
-            r["ratio_vs_peer"] = r["time_s"] / peer_time[(r["group"], r.get("t"))]
+        elif key(r) in peer_time:
+            r["ratio_vs_peer"] = r["time_s"] / peer_time[key(r)]
             r["peer"] = PEERS[r["group"]]
         if "inputs_rss_mib" in r and "peak_rss_mib" in r:
             r["extra_mib"] = round(r["peak_rss_mib"] - r["inputs_rss_mib"], 1)
     return rows
 
 
-COLUMNS = ["group", "impl", "t", "density", "time_s", "peer", "ratio_vs_peer", "tokens_per_s",
-           "max_abs_err_vs_reference", "peak_rss_mib", "extra_mib", "status"]
+COLUMNS = ["group", "impl", "t", "threads", "density", "time_s", "cpu_s", "peer", "ratio_vs_peer", "tokens_per_s",
+           "max_abs_err_vs_reference", "peak_rss_mib", "extra_mib", "load_1m", "status"]
 
 
 def main() -> None:

@@ -6,17 +6,21 @@ share one key tile.
 
 Visibility is defined in `naive.py` (the reference). The work is planned per query block (aligned to
 absolute positions): the key blocks it may see are classified from interval arithmetic as *full*
-(every query sees every key: no mask), *partial* (a small `[bq, bk]` boolean tile) or *hidden*
-(skipped, so a sliding window costs O(T * w) and a sparse pattern costs its density). Consecutive
-full key blocks are fused into one call. Each call is PyTorch's fused CPU/GPU attention kernel
-(blockwise itself, returning the log-sum-exp), and the calls of a query block are merged exactly
-through the lse (`merge.py`). Peak extra memory is one query block's output/lse plus one key tile.
+(every query sees every key: no mask), *partial* (a small boolean tile) or *hidden* (skipped, so a
+sliding window costs O(T * w) and a sparse pattern costs its density). A query block makes at most two
+calls of PyTorch's fused CPU/GPU attention kernel (blockwise itself, returning the log-sum-exp): its
+full blocks gathered into one unmasked call (a view when they are consecutive) and its partial blocks
+into one masked call, merged exactly through the lse (`merge.py`). Few, large calls matter: many
+tiny ones are what a shared CPU punishes most.
 
 Fast paths:
 - plain causal prefill (no window, sinks, pattern): the fused kernel with `is_causal=True` over the
   prefix (full) plus the diagonal square, so its speed is the kernel's;
 - small Tq (decode): one query block spanning all queries, key runs unsplit: one or two calls, no
-  Python loop over blocks.
+  Python loop over blocks;
+- sliding window (+ sinks): every query block sees the same relative key layout, so all blocks away
+  from the edges run as one batched call over overlapping `as_strided` key views (no copy) with one
+  shared mask, plus one call for the sinks (`_window_batched`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ __all__ = ["attention", "DEFAULT_CHUNK", "SMALL_TQ"]
 
 DEFAULT_CHUNK = 256
 SMALL_TQ = 16  # at or below this many queries: one query block, no loop over key blocks
-COALESCE_KEYS = 2048  # adjacent key segments up to this span run as one masked call
+WINDOW_BLOCK = 64  # query block of the batched sliding window: keys per call w + 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,18 @@ class _Segment:
 
     j0: int
     j1: int
+    mask: torch.Tensor | None
+
+    @property
+    def index(self) -> slice:
+        return slice(self.j0, self.j1)
+
+
+@dataclass(frozen=True)
+class _GatherSegment:
+    """Keys `k[:, :, index]` (a slice or an index tensor); `mask` `[bq, n]` bool, or None: all visible."""
+
+    index: slice | torch.Tensor
     mask: torch.Tensor | None
 
 
@@ -152,7 +168,8 @@ def _classify(spec: _Spec, p0: int, p1: int, bk: int) -> list[int]:
 
 def _segments(spec: _Spec, p0: int, p1: int, bk: int, device: torch.device,
               split_full: int | None = None) -> list[_Segment]:
-    """Key segments for queries at `[p0, p1)`: fused runs of full blocks and masked partial blocks."""
+    """Key segments for queries at `[p0, p1)`: runs of full blocks (split every `split_full` keys)
+    and masked partial blocks (the tile-by-tile passes: key mass, backward)."""
     segs: list[_Segment] = []
     run_start: int | None = None
     for kb, c in enumerate(_classify(spec, p0, p1, bk)):
@@ -173,24 +190,7 @@ def _segments(spec: _Spec, p0: int, p1: int, bk: int, device: torch.device,
                 segs.append(_Segment(j0, j1, m))
     if run_start is not None:
         segs.append(_Segment(run_start, spec.tk, None))
-    return segs if split_full is not None else _coalesce(segs, p1 - p0, device)
-
-
-def _coalesce(segs: list[_Segment], rows: int, device: torch.device) -> list[_Segment]:
-    """Join adjacent segments into one masked call while the span stays <= COALESCE_KEYS.
-
-    Fewer, larger kernel calls and no lse merges between them: a sliding window becomes one call
-    per query block. Many tiny ops are what a shared CPU punishes most (thread wake-ups)."""
-    out: list[_Segment] = []
-    for seg in segs:
-        prev = out[-1] if out else None
-        if prev is not None and prev.j1 == seg.j0 and seg.j1 - prev.j0 <= COALESCE_KEYS:
-            masks = [m if m is not None else torch.ones(rows, s.j1 - s.j0, dtype=torch.bool, device=device)
-                     for s, m in ((prev, prev.mask), (seg, seg.mask))]
-            out[-1] = _Segment(prev.j0, seg.j1, torch.cat(masks, 1))
-        else:
-            out.append(seg)
-    return out
+    return segs
 
 
 # ------------------------------------------------------------------------------------- query blocks
@@ -206,8 +206,13 @@ def _ungroup(x: torch.Tensor, hq: int) -> torch.Tensor:
     return x.reshape(b, hq, gbq // (hq // hkv), *x.shape[3:])
 
 
-def _query_block(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, segs: list[_Segment],
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _take(x: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    """Keys `x[:, :, index]`: a view for a slice, one gather for an index tensor."""
+    return x[:, :, index] if isinstance(index, slice) else x.index_select(2, index)
+
+
+def _query_block(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec,
+                 segs: list[_Segment] | list[_GatherSegment]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query block `[B, Hq, bq, D]` over its segments -> (out, lse `[B, Hq, bq]`)."""
     b, hq, bq, d = qb.shape
     hkv = k.shape[1]
@@ -216,7 +221,7 @@ def _query_block(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     for seg in segs:
-        ks, vs = k[:, :, seg.j0:seg.j1], v[:, :, seg.j0:seg.j1]
+        ks, vs = _take(k, seg.index), _take(v, seg.index)
         if seg.mask is None:
             o, l = _fused(qg, ks, vs, scale=spec.scale)
         else:
@@ -379,19 +384,102 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: int, bk: int,
             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked attention (window, sinks, pattern) planned per query block."""
+    tq = q.shape[2]
+    if tq <= SMALL_TQ:  # decode-sized: key runs stay whole (one call per run)
+        p0, p1 = spec.q_offset, spec.q_offset + tq
+        segs = _split_small(spec, p0, p1, q.device) if spec.pattern is None else _segments(spec, p0, p1, bk, q.device)
+        return _query_block(q, k, v, spec, segs)
+    if spec.window is not None and spec.pattern is None:
+        batched = _window_batched(q, k, v, spec, min(bq, WINDOW_BLOCK, max(spec.window, SMALL_TQ)))
+        if batched is not None:
+            return batched
     outs, lses = [], []
-    small = q.shape[2] <= SMALL_TQ
-    for i0, i1 in _query_ranges(spec.q_offset, q.shape[2], bq):
-        p0, p1 = spec.q_offset + i0, spec.q_offset + i1
-        # small Tq: key runs stay whole (one call per run); otherwise full runs are fused too
-        if small and spec.pattern is None:
-            segs = _split_small(spec, p0, p1, q.device)
-        else:
-            segs = _segments(spec, p0, p1, bk, q.device)
-        o, l = _query_block(q[:, :, i0:i1], k, v, spec, segs)
+    for i0, i1 in _query_ranges(spec.q_offset, tq, bq):
+        o, l = _gathered_block(q[:, :, i0:i1], k, v, spec, spec.q_offset + i0, bk)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _token_index(blocks: list[int], bk: int, tk: int, device: torch.device) -> torch.Tensor | slice:
+    """Key indices of `blocks` (ascending); a slice (a view, no copy) when they are consecutive."""
+    j0, j1 = blocks[0] * bk, min((blocks[-1] + 1) * bk, tk)
+    if blocks[-1] - blocks[0] + 1 == len(blocks):
+        return slice(j0, j1)
+    starts = torch.tensor(blocks, device=device) * bk
+    idx = (starts[:, None] + torch.arange(bk, device=device)[None, :]).flatten()
+    return idx[idx < tk]
+
+
+def _gathered_block(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, p0: int, bk: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query block `[B, Hq, bq, D]` at absolute `p0`: its fully visible key blocks gathered into
+    one unmasked call, its partial blocks into one masked call, merged by lse. Two kernel calls at
+    most, whatever the pattern's layout."""
+    p1 = p0 + qb.shape[2]
+    codes = _classify(spec, p0, p1, bk)
+    full = [kb for kb, c in enumerate(codes) if c == 2]
+    partial = [kb for kb, c in enumerate(codes) if c == 1]
+    segs: list[_GatherSegment] = []
+    if full:
+        segs.append(_GatherSegment(_token_index(full, bk, spec.tk, qb.device), None))
+    if partial:
+        mask = torch.cat([_tile_mask(spec, p0, p1, kb * bk, min((kb + 1) * bk, spec.tk), qb.device)
+                          for kb in partial], dim=1)
+        if bool(mask.any()):
+            segs.append(_GatherSegment(_token_index(partial, bk, spec.tk, qb.device), mask))
+    return _query_block(qb, k, v, spec, segs)
+
+
+def _window_batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: int
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sliding window (+ sinks) as a few batched kernel calls, no Python loop over query blocks.
+
+    Every query block `[p0, p0 + bq)` far enough from the start sees keys `(p0 - w, p0 + bq)` through
+    the same relative mask (`p0 - w < j`, `j - p0 <= a`, `a` the row), so all such blocks run as one
+    call over `[num_blocks, Hkv, ...]` views: queries regrouped, keys an overlapping `as_strided`
+    view (no copy) with one shared `[G * bq, w + bq]` mask. Sinks are one unmasked call over
+    `k[:, :, :sinks]`, merged by lse (disjoint from every window here). The few blocks near the
+    start or end go through the general per-block plan. None when there is nothing to batch.
+    """
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    w, off = spec.window, spec.q_offset
+    assert w is not None
+    first = max(w, w + spec.sinks - 1, off)  # keys start at p0 - w >= 0 and never meet the sinks
+    first = -(-first // bq) * bq  # aligned to absolute multiples of bq
+    last = min(off + tq, spec.tk) // bq * bq  # exclusive end of the batched queries (keys p0 + bq <= tk)
+    nb = (last - first) // bq
+    if nb < 2 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None
+    i_lo, i_hi = first - off, last - off
+    span = w + bq
+    a = torch.arange(bq, device=q.device)[:, None]
+    r = torch.arange(span, device=q.device)[None, :]
+    mask = _additive((r > a) & (r <= a + w), q.dtype, g)  # [G * bq, w + bq]
+    qr = q[:, :, i_lo:i_hi]
+    outs, lses = [], []
+    for i in range(b):  # [nb, Hkv, G * bq, D]: block-major query groups
+        qi = qr[i].reshape(hkv, g, nb, bq, d).permute(2, 0, 1, 3, 4).reshape(nb, hkv, g * bq, d)
+        kv = [x[i].as_strided((nb, hkv, span, d), (bq * x.stride(2), x.stride(1), x.stride(2), 1),
+                              x[i].storage_offset() + (first - w) * x.stride(2)) for x in (k, v)]
+        o, l = _fused(qi, kv[0], kv[1], scale=spec.scale, attn_mask=mask)
+        outs.append(o.reshape(nb, hkv, g, bq, d).permute(1, 2, 0, 3, 4).reshape(hq, nb * bq, d))
+        lses.append(l.reshape(nb, hkv, g, bq).permute(1, 2, 0, 3).reshape(hq, nb * bq))
+    out, lse = torch.stack(outs), torch.stack(lses)
+    if spec.sinks:
+        o, l = _fused(_group(qr, hkv), k[:, :, :spec.sinks], v[:, :, :spec.sinks], scale=spec.scale)
+        out, lse = merge_attention(out.float() if out.dtype != torch.float64 else out, lse,
+                                   _ungroup(o, hq), _ungroup(l, hq))
+    parts = []
+    if i_lo > 0:
+        parts.append(_blocks(q[:, :, :i_lo], k, v, spec, bq, bq))
+    parts.append((out.to(q.dtype), lse))
+    if i_hi < tq:
+        parts.append(_blocks(q[:, :, i_hi:], k, v, _shift(spec, i_hi), bq, bq))
+    return torch.cat([o for o, _ in parts], dim=2), torch.cat([l.to(lse.dtype) for _, l in parts], dim=2)
 
 
 def _split_small(spec: _Spec, p0: int, p1: int, device: torch.device) -> list[_Segment]:

@@ -113,23 +113,31 @@ def test_bad_arguments_are_named(bad: dict) -> None:
 
 def test_sliding_window_skips_hidden_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every fused call of a sliding window sees at most w + 2 * chunk keys for at most G * chunk
-    queries, so the total score work is O(T * w) (not O(T^2))."""
+    queries per batch entry, so the total score work is O(T * w) (not O(T^2)); the blocks far from
+    the start are batched, so the number of kernel calls does not grow with T."""
     t, w, chunk, g = 4096, 256, 128, 3
-    calls: list[tuple[int, int, bool]] = []
+    calls: list[tuple[int, int, int]] = []
     fused = blockwise._fused
 
     def spy(q, k, v, **kw):
-        calls.append((q.shape[2], k.shape[2], kw.get("attn_mask") is not None))
+        calls.append((q.shape[0], q.shape[2], k.shape[2]))
         return fused(q, k, v, **kw)
 
     monkeypatch.setattr(blockwise, "_fused", spy)
-    q = torch.randn(1, g, t, 16)
-    k = torch.randn(1, 1, t, 16)
-    attention(q, k, k, window=w, chunk_size=chunk)
-    assert max(keys for _, keys, _ in calls) <= w + 2 * chunk
-    assert max(rows for rows, _, _ in calls) <= g * chunk
-    work = sum(rows * keys for rows, keys, _ in calls)
-    assert work <= g * t * (w + 2 * chunk), f"score work {work} is not O(T * w)"
+    for sinks in (0, 4):
+        counts = []
+        for length in (t, 2 * t):
+            q = torch.randn(1, g, length, 16)
+            k = torch.randn(1, 1, length, 16)
+            calls.clear()
+            attention(q, k, k, window=w, sinks=sinks, chunk_size=chunk)
+            assert max(keys for _, _, keys in calls) <= w + 2 * chunk
+            # (the sink keys are one call for all queries: [G * T, sinks], blockwise inside the kernel)
+            assert max(rows for _, rows, keys in calls if keys > sinks) <= g * chunk
+            work = sum(batch * rows * keys for batch, rows, keys in calls)
+            assert work <= g * length * (w + 2 * chunk + sinks), f"score work {work} is not O(T * w)"
+            counts.append(len(calls))
+        assert counts[1] == counts[0], f"kernel calls grow with T ({counts}): the window is not batched"
 
 
 def test_sliding_window_is_linear_in_length() -> None:
@@ -181,3 +189,27 @@ def test_cuda_matches_reference(case: Case, dtype: torch.dtype) -> None:
     assert_close(out, r_out)
     assert_close(_finite(lse), _finite(r_lse), dtype=dtype)
     assert_close(mass, r_mass, dtype=dtype)
+
+
+@given(tq=st.integers(60, 400), cache=st.sampled_from([0, 1, 37, 300]), window=st.integers(1, 90),
+       sinks=st.sampled_from([0, 1, 5, 64]), groups=st.sampled_from([1, 3]), b=st.sampled_from([1, 2]),
+       chunk=st.sampled_from([None, 8, 32]), causal=st.booleans())
+@settings(max_examples=20)
+def test_batched_window_matches_reference(tq: int, cache: int, window: int, sinks: int, groups: int, b: int,
+                                          chunk: int | None, causal: bool) -> None:
+    """Long enough sequences that the sliding window runs batched (overlapping key views, one shared
+    mask, sinks merged by lse): out, lse and gradients equal the dense reference."""
+    gen = torch.Generator().manual_seed(tq * 7 + window)
+    q = torch.randn(b, 2 * groups, tq, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, 2, cache + tq, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, 2, cache + tq, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    kw = dict(q_offset=cache, window=window, sinks=sinks, causal=causal)
+    out, lse = attention(q, k, v, **kw, chunk_size=chunk, return_lse=True)
+    r_out, r_lse = naive.attention(q, k, v, **kw, return_lse=True)
+    assert_close(out, r_out)
+    assert_close(lse, r_lse)
+    g_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((out * g_out).sum() + lse.sum(), (q, k, v))
+    r_grads = torch.autograd.grad((r_out * g_out).sum() + r_lse.sum(), (q, k, v))
+    for got, want in zip(grads, r_grads):
+        assert_close(got, want)
