@@ -19,9 +19,6 @@ from typing import Any, Optional, Sequence
 from streamctx.dataflow.model_stage import ModelStage, engine_policy
 from streamctx.model.pipeline import Hidden, LayerStage, LocalChain, PipelinedLlama, split_layers
 
-START_TIMEOUT_S = 300.0
-
-
 class _LayerActor:
     """A Ray actor holding one later layer range of the model (`LayerStage`)."""
 
@@ -92,7 +89,7 @@ class PipelinedModelStage(ModelStage):
     """The first of `parts` layer stages; see the module docstring."""
 
     def __init__(self, model: dict[str, Any], policy: dict[str, Any], base_dir: str,
-                 part: int = 0, parts: int = 2) -> None:
+                 part: int = 0, parts: int = 2, start_timeout_s: float = 300.0) -> None:
         from streamctx.engine import Engine
 
         if part != 0:
@@ -111,7 +108,8 @@ class PipelinedModelStage(ModelStage):
         device = None if model["device"] in (None, "auto") else model["device"]
         self.chain: Any
         if _in_ray_actor():
-            self.chain = self._start_actors(model, ranges[1:], spec, device)
+            # Half the runner's start timeout: this stage's own placement and load count against the rest.
+            self.chain = self._start_actors(model, ranges[1:], spec, device, start_timeout_s / 2)
         else:
             self.chain = LocalChain([LayerStage(Engine.load(self.source, dtype=model["dtype"], device=device).model,
                                                 r, spec) for r in ranges[1:]])
@@ -120,7 +118,7 @@ class PipelinedModelStage(ModelStage):
         self.ranges = ranges
 
     def _start_actors(self, model: dict[str, Any], ranges: Sequence[range], policy: Any,
-                      device: Optional[str]) -> RayChain:
+                      device: Optional[str], timeout_s: float) -> RayChain:
         import ray
 
         stage_res = model["stage_resources"]
@@ -131,11 +129,11 @@ class PipelinedModelStage(ModelStage):
                 num_cpus=model["num_cpus"], resources=dict(res) or None, max_restarts=0, max_concurrency=1,
             ).remote(self.source, model["dtype"], device, r.start, r.stop, policy))
         try:
-            self.layer_nodes = ray.get([a.ready.remote() for a in actors], timeout=START_TIMEOUT_S)
+            self.layer_nodes = ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             for a in actors:
                 ray.kill(a)
-            raise RuntimeError(f"layer stage actors were not placed within {START_TIMEOUT_S:.0f} s; the cluster "
+            raise RuntimeError(f"layer stage actors were not placed within {timeout_s:.0f} s; the cluster "
                                f"lacks the CPUs ({model['num_cpus']} each) or custom resources they ask for: "
                                f"{[stage_res[k] if stage_res else model['resources'] for k in range(1, len(ranges) + 1)]}"
                                ) from None

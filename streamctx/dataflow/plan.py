@@ -73,6 +73,7 @@ def build_plan(spec: JobSpec) -> list[StagePlan]:
         plan.append(StagePlan("model", "model", replicas, spec.sessions, m.num_cpus, res, {
             "model": m.model_dump(), "policy": dict(spec.policy), "base_dir": spec.base_dir,
             "part": 0, "parts": m.stages,
+            **({"start_timeout_s": spec.runner.start_timeout_s} if m.stages > 1 else {}),
         }))
     plan += [_user_plan(s, n, spec.sessions) for s in spec.stages if s.place == "post_model"]
     return plan

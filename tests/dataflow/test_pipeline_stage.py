@@ -58,6 +58,13 @@ def test_two_layer_stages_equal_one_on_both_runners(tiny: Path, ray_local) -> No
         assert res.metrics["stages"]["model"]["peak_session_bytes"] == one.metrics["stages"]["model"]["peak_session_bytes"]
 
 
+def test_later_stages_are_ray_actors_placed_by_stage_resources(tiny: Path, ray_local) -> None:
+    spec = _spec(tiny, _records()[:2], stages=2, stage_resources=[{}, {"no_such_node": 1}])
+    spec.runner.start_timeout_s = 8  # the layer stages get half
+    with pytest.raises(RuntimeError, match=r"layer stage actors were not placed.*no_such_node"):
+        run_job(spec, runner="ray")
+
+
 def test_three_stages_with_a_bounded_policy_equal_one(tiny: Path) -> None:
     records = _records()
     policy = {"type": "sink_window", "sinks": 2, "window": 12}
