@@ -190,13 +190,13 @@ def decode_hf(context: int, steps: int, windows: int) -> dict[str, Any]:
             "bytes_per_token": bytes_per_token, "load_1m": load[0]}
 
 
-def paired(kind: str, n: int, rounds: int) -> dict[str, Any]:
+def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, Any]:
     """Alternate ours and transformers on the same prompt in one process (see module docstring)."""
     import torch
 
     from streamctx import Engine
 
-    harness.set_threads(THREADS)
+    harness.set_threads(threads)
     ids = _prompt(n)
     engine = Engine.load("smollm2", dtype=torch.float32, device="cpu")
     model = _hf_model()
@@ -229,8 +229,11 @@ def paired(kind: str, n: int, rounds: int) -> dict[str, Any]:
                     out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
                     pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 theirs.append(DECODE_STEPS / (time.perf_counter() - t0))
-    return {"impl": "both, alternated", "tokens": n, "tok_s": max(ours), "hf_tok_s": max(theirs),
-            "vs_hf": max(ours) / max(theirs), "rounds": rounds, "load_1m": load[0]}
+    row = {"impl": "both, alternated", "tokens": n, "threads": threads, "tok_s": max(ours),
+           "hf_tok_s": max(theirs), "vs_hf": max(ours) / max(theirs), "rounds": rounds, "load_1m": load[0]}
+    if kind == "decode":
+        row["bytes_per_token"] = engine.model.weight_nbytes() + _kv_bytes_per_token(n + rounds * DECODE_STEPS // 2)
+    return row
 
 
 def membw() -> dict[str, Any]:
@@ -251,6 +254,11 @@ CELLS = [
     Cell("paired_prefill_2K", paired, {"kind": "prefill", "n": 2048, "rounds": 2}, group="paired", timeout_s=400),
     Cell("paired_decode_2K", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3}, group="paired",
          timeout_s=400),
+    # One thread: no parallel-region barriers, so a loaded machine only time-slices the run.
+    Cell("paired_decode_2K_1t", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3, "threads": 1},
+         group="paired", timeout_s=400),
+    Cell("paired_prefill_512_1t", paired, {"kind": "prefill", "n": 512, "rounds": 3, "threads": 1}, group="paired",
+         timeout_s=300),
 ]
 
 
@@ -264,6 +272,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r["mem_gbps"] = bw
             r["bound_tok_s"] = bw * 1e9 / r["bytes_per_token"]
             r["of_bound"] = r["tok_s"] / r["bound_tok_s"]
+            if r.get("hf_tok_s"):
+                r["hf_of_bound"] = r["hf_tok_s"] / r["bound_tok_s"]
         if r["cell"].endswith("_ours"):
             peer = by_name.get(r["cell"][: -len("_ours")] + "_hf")
             if peer and peer.get("status") == "ok" and r.get("status") == "ok":
@@ -279,8 +289,8 @@ if __name__ == "__main__":
         results=CELLS_DIR,
         prefix="model",
         title="SmolLM2-135M CPU fp32: streamctx vs transformers (same GGUF weights, 2 threads)",
-        columns=["cell", "impl", "tokens", "tok_s", "hf_tok_s", "vs_hf", "mem_gbps", "bound_tok_s", "of_bound",
-                 "peak_rss_mib", "rss_vs_hf", "load_1m", "status"],
+        columns=["cell", "impl", "tokens", "tok_s", "hf_tok_s", "vs_hf", "mem_gbps", "bound_tok_s", "of_bound", "hf_of_bound",
+                 "peak_rss_mib", "rss_vs_hf", "threads", "load_1m", "status"],
         postprocess=add_ratios,
         combined_dir=RESULTS,
     )

@@ -1,10 +1,13 @@
 """Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral) over the paged KV cache.
 
 Functional code over a weights dict taken from the loader (Hugging Face names). Weights are used
-in place: when they already have the model's dtype and device nothing is copied, so a
-memory-mapped checkpoint is read straight from the page cache. (Fusing q/k/v and gate/up into
-concatenated matrices saves three small matmul calls per layer, but the copies sit next to the
-mapped file's pages: for SmolLM2 that measured +250 MB, about +25% peak RSS.)
+in place where possible: when they already have the model's dtype and device nothing is copied,
+so a memory-mapped checkpoint is read straight from the page cache. q/k/v are the exception:
+they are concatenated into one `[(Hq + 2 Hkv) D, H]` matrix at load, so a layer does one QKV
+matmul and rotates q and k in one RoPE call (q and k are adjacent columns of its output). On a
+shared CPU every parallel region is a barrier that a descheduled thread stalls, so fewer,
+larger calls matter most for decode. The copy costs its own size (SmolLM2: 66 MB) on top of the
+mapped pages; fusing gate/up too would add another 212 MB (about +25% peak RSS), so it is not done.
 The lm_head runs only on the rows whose logits are asked for (the last position of each session
 unless told otherwise).
 
@@ -35,12 +38,8 @@ from streamctx.state import StateBlob
 @dataclass(frozen=True)
 class _Layer:
     ln_attn: torch.Tensor  # [H]
-    w_q: torch.Tensor  # [Hq D, H]
-    w_k: torch.Tensor  # [Hkv D, H]
-    w_v: torch.Tensor  # [Hkv D, H]
-    b_q: torch.Tensor | None
-    b_k: torch.Tensor | None
-    b_v: torch.Tensor | None
+    w_qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]: q, k, v stacked
+    b_qkv: torch.Tensor | None  # [(Hq + 2 Hkv) D]
     w_o: torch.Tensor  # [H, Hq D]
     b_o: torch.Tensor | None
     ln_mlp: torch.Tensor  # [H]
@@ -84,14 +83,16 @@ class LlamaModel:
         h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
         qd, kvd = c.num_heads * d, c.num_kv_heads * d
         att, mlp = p + "self_attn.", p + "mlp."
+        w_qkv = torch.cat([w.take(att + "q_proj.weight", (qd, h)), w.take(att + "k_proj.weight", (kvd, h)),
+                           w.take(att + "v_proj.weight", (kvd, h))])
+        b_qkv = None
+        if c.attention_bias:
+            b_qkv = torch.cat([w.take(att + "q_proj.bias", (qd,)), w.take(att + "k_proj.bias", (kvd,)),
+                               w.take(att + "v_proj.bias", (kvd,))])
         return _Layer(
             ln_attn=w.take(p + "input_layernorm.weight", (h,)),
-            w_q=w.take(att + "q_proj.weight", (qd, h)),
-            w_k=w.take(att + "k_proj.weight", (kvd, h)),
-            w_v=w.take(att + "v_proj.weight", (kvd, h)),
-            b_q=w.maybe(att + "q_proj.bias", c.attention_bias, (qd,)),
-            b_k=w.maybe(att + "k_proj.bias", c.attention_bias, (kvd,)),
-            b_v=w.maybe(att + "v_proj.bias", c.attention_bias, (kvd,)),
+            w_qkv=w_qkv,
+            b_qkv=b_qkv,
             w_o=w.take(att + "o_proj.weight", (h, qd)),
             b_o=w.maybe(att + "o_proj.bias", c.o_proj_bias, (h,)),
             ln_mlp=w.take(p + "post_attention_layernorm.weight", (h,)),
@@ -162,6 +163,7 @@ class LlamaModel:
         layers = range(c.num_layers) if layers is None else layers
         batch = [(cache, None) for cache in caches]
         hq, d = c.num_heads * c.head_dim, c.head_dim
+        hqk = c.num_heads + c.num_kv_heads  # heads that RoPE rotates
         abs_pos = [torch.arange(cache.n_fed, cache.n_fed + n, device=dev) for (cache, _), n in zip(batch, lens)]
         rope_memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -173,16 +175,14 @@ class LlamaModel:
 
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
-            q_all = F.linear(h, layer.w_q, layer.b_q)  # [N, Hq D]
-            k_all = F.linear(h, layer.w_k, layer.b_k)  # [N, Hkv D]
-            v_all = F.linear(h, layer.w_v, layer.b_v)
+            qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
             outs = []
             off = 0
             for (cache, _), n, pos in zip(batch, lens, abs_pos):
                 cos, sin, rpos = rope_for(cache.layers[li].next_rope, n)
-                q = apply_rope(q_all[off:off + n].view(n, c.num_heads, d).transpose(0, 1), cos, sin)  # [Hq, n, D]
-                k = apply_rope(k_all[off:off + n].view(n, c.num_kv_heads, d).transpose(0, 1), cos, sin)  # [Hkv, n, D]
-                v = v_all[off:off + n].view(n, c.num_kv_heads, d).transpose(0, 1)
+                part = qkv[off:off + n].transpose(0, 1)  # [Hq + 2 Hkv, n, D]
+                qk = apply_rope(part[:hqk], cos, sin)  # [Hq + Hkv, n, D], one call for q and k
+                q, k, v = qk[:c.num_heads], qk[c.num_heads:], part[hqk:]
                 off += n
                 past = cache.layers[li].length
                 cache.append(li, k, v, pos, rpos)
