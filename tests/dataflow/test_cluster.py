@@ -89,3 +89,37 @@ def test_model_replicas_on_two_nodes_equal_the_local_run(cluster, tmp_path: Path
     assert any(r["reply"] for r in local.outputs.to_pylist())
     assert len(set(dist.metrics["nodes"]["model"])) == 2
     assert dist.sessions.live == 0 and dist.sessions.bytes == 0
+
+
+def test_split_model_on_two_nodes_equals_the_local_run(cluster, tmp_path: Path) -> None:
+    """`model.stages: 2`: the first layer stage on node_a, the second on node_b (hidden states
+    cross nodes through Ray's object store), equal to the unsplit model in one process."""
+    from streamctx.dataflow import run_job
+    from streamctx.spec import JobSpec
+    from tests.dataflow.streams import conversations, interleave
+    from tests.fixtures.tiny_models import make_tiny_llama
+
+    tiny = make_tiny_llama(tmp_path / "tiny", hidden=32, layers=3, heads=2, kv_heads=1)
+    records = interleave(conversations(4, 4, generate_every=2), seed=6)
+
+    def spec(model: dict[str, Any]) -> JobSpec:
+        return JobSpec.from_dict({
+            "name": "cs", "source": {"type": "iterator", "obj": records},
+            "model": {"path": str(tiny), "max_new_tokens": 4, "num_cpus": 0, **model},
+            "runner": {"replicas": 1, "batch_size": 4, "start_timeout_s": 120},
+        })
+
+    local = run_job(spec({}), runner="local")
+    # node_b exists on one node only: the second stage cannot run anywhere else (else placement fails).
+    dist = run_job(spec({"stages": 2, "stage_resources": [{"node_a": 1}, {"node_b": 1}]}), runner="ray")
+    assert _strip(dist.outputs) == _strip(local.outputs)
+    assert sum(bool(r["reply"]) for r in local.outputs.to_pylist()) >= 4
+    node_a = [n["NodeID"] for n in _ray_nodes() if n["Resources"].get("node_a")]
+    assert dist.metrics["nodes"]["model"] == node_a  # the first stage really ran on node_a
+    assert dist.sessions.live == 0 and dist.sessions.bytes == 0
+
+
+def _ray_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
