@@ -250,10 +250,10 @@ CELLS = [
          timeout_s=300),
     Cell("decode_2K_hf", decode_hf, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS, "windows": DECODE_WINDOWS}, group="decode",
          timeout_s=300),
-    Cell("paired_prefill_512", paired, {"kind": "prefill", "n": 512, "rounds": 3}, group="paired", timeout_s=300),
-    Cell("paired_prefill_2K", paired, {"kind": "prefill", "n": 2048, "rounds": 2}, group="paired", timeout_s=400),
     Cell("paired_decode_2K", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3}, group="paired",
          timeout_s=400),
+    Cell("paired_prefill_512", paired, {"kind": "prefill", "n": 512, "rounds": 3}, group="paired", timeout_s=300),
+    Cell("paired_prefill_2K", paired, {"kind": "prefill", "n": 2048, "rounds": 2}, group="paired", timeout_s=400),
     # One thread: no parallel-region barriers, so a loaded machine only time-slices the run.
     Cell("paired_decode_2K_1t", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3, "threads": 1},
          group="paired", timeout_s=400),
