@@ -7,8 +7,9 @@ blocks through a softmax over blocks per query head; a group of `q_group` querie
 over its queries, summed over heads. The best blocks are fetched (`neighbors=True` adds each
 chosen block's better-scoring neighbour, so a fact cut by a block boundary comes back whole),
 attended and merged with the exact local attention through the lse. Decode steps (one query)
-retrieve for themselves; a prefill chunk retrieves per group, the last group ending at the
-chunk's last token. Measured on SmolLM2 passkey prompts, the mean key ranked the key's block
+retrieve for themselves; a prefill chunk retrieves per group of `q_group` queries, and its last
+query (the one that predicts the next token) retrieves for itself: in a shared group, the other
+queries' favourite blocks outvoted the passkey block the question needed. Measured on SmolLM2 passkey prompts, the mean key ranked the key's block
 first or second in most upper layers where Quest's bound, loose over 64 tokens, did not.
 
 RoPE rule: sinks at 0..s-1, then a gap of `topk * block` positions, then the window (new tokens
@@ -228,20 +229,32 @@ class RetrievalPolicy(BoundedPolicy):
 
     def extend(self, layer: int, q: torch.Tensor, q_rope_positions: torch.Tensor, out: torch.Tensor,
                lse: torch.Tensor, rotate: Rotate) -> torch.Tensor:
-        """Each group of `q_group` queries (the last ending at the last query) attends its own
-        top-k blocks; all groups run as one batch (the first group is zero-padded in front)."""
+        """Each group of `q_group` queries attends its own top-k blocks; the last query (the one
+        that predicts the next token) is a group of its own, so the other queries of its group
+        cannot outvote the blocks it needs. All groups run as one batch, each zero-padded in front."""
         host = self._host.get(layer)
         if host is None or host.n == 0:
             return out
-        hq, n, d = q.shape
-        m = min(self.q_group, n)
-        g = -(-n // m)
-        pad = g * m - n
-        qp = torch.nn.functional.pad(q, (0, 0, pad, 0)).view(hq, g, m, d)
+        qp, rows = self.query_groups(q)
         ids = self.select(host, qp)
         self.last_selection[layer] = list(ids)
         k, v = self.fetch(host, ids, q.device, rotate)
         o2, l2 = attention(qp.transpose(0, 1), k, v, causal=False, return_lse=True)  # [G, Hq, m, *]
-        o2 = o2.transpose(0, 1).reshape(hq, g * m, d)[:, pad:]
-        l2 = l2.transpose(0, 1).reshape(hq, g * m)[:, pad:]
+        hq, g, m, d = qp.shape
+        o2 = o2.transpose(0, 1).reshape(hq, g * m, d)[:, rows]
+        l2 = l2.transpose(0, 1).reshape(hq, g * m)[:, rows]
         return merge_attention(out, lse, o2, l2)[0]
+
+    def query_groups(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries `q [Hq, n, D]` as groups `[Hq, G, m, D]` and the rows `[n]` of the flattened
+        groups holding queries 0..n-1: groups of `q_group` over the first n - 1 queries, then the
+        last query alone (each group zero-padded in front to m rows)."""
+        hq, n, d = q.shape
+        m = min(self.q_group, n)
+        n1 = n - 1
+        g1 = -(-n1 // m)
+        pad = g1 * m - n1
+        z = q.new_zeros(hq, 1, d)
+        qp = torch.cat([z.expand(hq, pad, d), q[:, :n1], z.expand(hq, m - 1, d), q[:, n1:]], dim=1)
+        rows = torch.cat([torch.arange(pad, pad + n1), torch.tensor([(g1 + 1) * m - 1])])
+        return qp.view(hq, g1 + 1, m, d), rows

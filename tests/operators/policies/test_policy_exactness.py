@@ -109,8 +109,8 @@ class Stream:
             if host is None or host.n == 0:
                 return empty, empty
             m = min(pol.q_group, n)
-            groups = -(-n // m)
-            row = (i + groups * m - n) // m
+            groups = -(-(n - 1) // m)  # groups of m over the first n - 1 queries, the last alone
+            row = groups if i == n - 1 else (i + groups * m - (n - 1)) // m
             ids = pol.last_selection[0][row]
             pos = host.pos[ids].reshape(-1)
             rope = torch.cat([torch.arange(pol.block) + pol.sinks + j * pol.block for j in range(len(ids))])
@@ -211,6 +211,29 @@ def test_retrieval_recalls_a_planted_block(score: str) -> None:
     assert policy.last_selection[0][-1].tolist() == [5]
     assert out[:, -1].mean() > 2.5, "the planted values must dominate the read"
     assert policy.host_nbytes() == host.n * (HKV * 8 * D * 2 + HKV * D * 3) * 4
+
+
+def test_retrieval_last_query_retrieves_for_itself() -> None:
+    """The last query of a chunk predicts the next token: it must get the block it looks for even
+    when the other queries of its group all prefer another block (a passkey question after
+    filler whose queries favour some filler block)."""
+    policy = RetrievalPolicy(sinks=2, window=16, topk=1, block=8, q_group=4, slack=7, neighbors=False)
+    s = Stream(policy, 200, seed=3)
+    g = torch.Generator().manual_seed(7)
+    u, w = torch.nn.functional.normalize(torch.randn(2, D, generator=g), dim=1)
+    w = torch.nn.functional.normalize(w - (w @ u) * u, dim=0)
+    s.k.mul_(0.1)
+    s.k[:, 42:50], s.v[:, 42:50] = 4.0 * u, 5.0  # block 5: what the last query looks for
+    s.k[:, 90:98], s.v[:, 90:98] = 4.0 * w, -5.0  # block 11: what the rest of the chunk looks for
+    for _ in range(9):
+        s.step(20)
+    s.q[:, 180:199] = 4.0 * w
+    s.q[:, 199] = 1.5 * u  # a weaker peak than its group's: a shared group's max picks block 11
+    out, ref, _ = s.step(20)
+    assert_close(out, ref)
+    assert policy.last_selection[0][-1].tolist() == [5]
+    assert policy.last_selection[0][-2].tolist() == [11]
+    assert out[:, -1].mean() > 0, "the last query must read the block it looks for"
 
 
 def test_retrieval_adds_the_better_neighbour_of_each_chosen_block() -> None:
