@@ -9,8 +9,9 @@ chosen block's better-scoring neighbour, so a fact cut by a block boundary comes
 attended and merged with the exact local attention through the lse. Decode steps (one query)
 retrieve for themselves; a prefill chunk retrieves per group of `q_group` queries, and its last
 query (the one that predicts the next token) retrieves for itself: in a shared group, the other
-queries' favourite blocks outvoted the passkey block the question needed. Measured on SmolLM2 passkey prompts, the mean key ranked the key's block
-first or second in most upper layers where Quest's bound, loose over 64 tokens, did not.
+queries' favourite blocks outvoted the passkey block the question needed. Measured on SmolLM2
+passkey prompts, the mean key ranked the key's block first or second in most upper layers where
+Quest's bound, loose over 64 tokens, did not.
 
 RoPE rule: sinks at 0..s-1, then a gap of `topk * block` positions, then the window (new tokens
 continue after it). Retrieved blocks fill the gap in stream order, whichever they are: block i of
