@@ -96,17 +96,16 @@ class PipelinedModelStage(ModelStage):
             raise ValueError(f"the pipelined model stage is the first layer stage (part 0), got part {part}")
         super().__init__(model, policy, base_dir)
         full = self.engine
-        n_layers = int(getattr(full.config, "num_layers", 0))
         if full.model.kind != "llama":
             raise NotImplementedError(f"model.stages > 1 splits Llama-family models only; this model is "
                                       f"{full.model.kind!r}: use model.stages: 1 (and model.replicas to scale out)")
         try:
-            ranges = split_layers(n_layers, parts)
+            ranges = split_layers(full.config.num_layers, parts)
         except ValueError as exc:
             raise ValueError(f"model.stages: {exc}") from None
         spec = engine_policy(policy)
         device = None if model["device"] in (None, "auto") else model["device"]
-        self.chain: Any
+        self.chain: LocalChain | RayChain
         if _in_ray_actor():
             # Half the runner's start timeout: this stage's own placement and load count against the rest.
             self.chain = self._start_actors(model, ranges[1:], spec, device, start_timeout_s / 2)
