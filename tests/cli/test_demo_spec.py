@@ -39,11 +39,12 @@ def test_demo_spec_validates_with_its_bundled_data() -> None:
     assert validate(folder / DEMO_SPEC) == []
 
 
-def test_policy_is_a_one_line_change() -> None:
+def test_demo_runs_a_bounded_policy_and_full_is_a_one_line_change() -> None:
     text = resources.files("streamctx.data").joinpath(DEMO_SPEC).read_text()
     policy_lines = [line for line in text.splitlines() if line.startswith("policy:")]
-    assert policy_lines == ["policy: {type: full}"]
-    assert "{type: sink_window, sinks: 4, window: 1020}" in text
+    assert policy_lines == ["policy: {type: sink_window, sinks: 4, window: 1020}"]
+    assert "{type: full}" in text
+    assert build_demo_spec(out=Path("out")).policy == {"type": "sink_window", "sinks": 4, "window": 1020}
 
 
 def test_build_demo_spec_overrides(tmp_path: Path) -> None:
