@@ -170,10 +170,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _md_cell(value: Any) -> str:
+    """A value as one markdown table cell: pipes escaped, line breaks shown as spaces."""
+    return " ".join(_fmt(value).split()).replace("|", "\\|")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_md_cell(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 
