@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from streamctx import Engine
 from streamctx.model.rope import UnsupportedRopeError
-from tests.fixtures.tiny_models import make_tiny_llama
+from tests.fixtures.tiny_models import make_tiny_llama, reference_logits
 
 VOCAB = 173  # small vocab keeps the tiny models fast; ids are random, not text
 ATOL = 1e-4  # fp32 max abs logit difference vs transformers
@@ -29,14 +29,6 @@ CONFIGS = {
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
 }
-
-
-def reference_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids[None]).logits[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamctx import Engine
-from tests.fixtures.tiny_models import make_tiny_mamba
+from tests.fixtures.tiny_models import make_tiny_mamba, reference_logits
 
 VOCAB = 151
 ATOL = 1e-4
@@ -20,14 +20,6 @@ CONFIGS = {
     "untied-bias-2l": dict(hidden=48, layers=2, state_size=8, tie=False, use_bias=True, time_step_rank=5),
     "k2-noconvbias-3l": dict(hidden=24, layers=3, state_size=4, conv_kernel=2, use_conv_bias=False),
 }
-
-
-def reference_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids[None]).logits[0]
 
 
 @pytest.fixture(scope="module")
