@@ -53,6 +53,22 @@ class TierStore(Protocol):
         ...
 
 
+class ByteAccounting:
+    """The capacity bookkeeping local tiers share: `capacity` (None: unbounded) and `_used` bytes."""
+
+    capacity: int | None
+    _used: int
+
+    def used(self) -> int:
+        return self._used
+
+    def charge(self, blob: StateBlob) -> int:
+        return blob.nbytes()
+
+    def can_fit(self, nbytes: int) -> bool:
+        return self.capacity is None or self._used + nbytes <= self.capacity
+
+
 def storage_nbytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct storages behind `tensors` (what the allocator really holds)."""
     seen: dict[tuple[str, int], int] = {}

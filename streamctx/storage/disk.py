@@ -18,11 +18,11 @@ from typing import Iterable
 
 from streamctx.state import StateBlob
 
-from .base import StorageError, TierFullError
+from .base import ByteAccounting, StorageError, TierFullError
 from .safetensors_io import read_blob, write_blob
 
 
-class DiskTier:
+class DiskTier(ByteAccounting):
     """Spill files under a private directory created inside `root` (default: the system temp dir)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, capacity: int | None = None,
@@ -42,15 +42,6 @@ class DiskTier:
 
     def _file(self, key: str) -> Path:
         return self.path / (hashlib.sha256(key.encode("utf-8")).hexdigest()[:40] + ".safetensors")
-
-    def used(self) -> int:
-        return self._used
-
-    def charge(self, blob: StateBlob) -> int:
-        return blob.nbytes()
-
-    def can_fit(self, nbytes: int) -> bool:
-        return self.capacity is None or self._used + nbytes <= self.capacity
 
     def put(self, key: str, blob: StateBlob) -> int:
         if key in self._sizes:

@@ -8,7 +8,7 @@ import torch
 
 from streamctx.state import StateBlob
 
-from .base import StorageError, TierFullError, storage_nbytes
+from .base import ByteAccounting, StorageError, TierFullError, storage_nbytes
 
 
 def _owns_storage(t: torch.Tensor, device: torch.device) -> bool:
@@ -21,7 +21,7 @@ def _owns_storage(t: torch.Tensor, device: torch.device) -> bool:
     )
 
 
-class MemoryTier:
+class MemoryTier(ByteAccounting):
     """Holds StateBlobs as tensors on `device`, charged by the bytes of their storages.
 
     A blob already on the device whose tensors own their storages is kept as is (no copy);
@@ -39,15 +39,6 @@ class MemoryTier:
         self._blobs: dict[str, StateBlob] = {}
         self._charged: dict[str, int] = {}
         self._used = 0
-
-    def used(self) -> int:
-        return self._used
-
-    def charge(self, blob: StateBlob) -> int:
-        return blob.nbytes()
-
-    def can_fit(self, nbytes: int) -> bool:
-        return self.capacity is None or self._used + nbytes <= self.capacity
 
     def live_bytes(self) -> int:
         """Bytes of the storages this tier's tensors actually hold (independent of the accounting)."""
