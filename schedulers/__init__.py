@@ -7,6 +7,7 @@ Schedulers take numbers (log-probs, byte counts, queue contents) as data and nev
 - `segmentation`: content-aware segments (turns, paragraphs, sentences, code fences, topic shifts)
 - `placement`: eviction policies (LRU, size-aware, priority, lookahead), composable
 - `memory_budget`: session state across device / host / peer / disk tiers with prefetch
+- `step_scheduler`: continuous batching: which sessions' decode steps and prefill chunks run together
 - `embeddings`: optional MiniLM sentence embeddings (the `embeddings` extra)
 
 Public names are re-exported lazily (importing `streamctx.schedulers` imports nothing heavy).
@@ -35,6 +36,9 @@ _EXPORTS = {
     "Lookahead": "placement",
     "MemoryBudgetScheduler": "memory_budget",
     "MiniLMEmbedder": "embeddings",
+    "StepScheduler": "step_scheduler",
+    "Demand": "step_scheduler",
+    "Grant": "step_scheduler",
 }
 
 __all__ = sorted(_EXPORTS)
