@@ -4,6 +4,7 @@ Schedulers take numbers (log-probs, byte counts, queue contents) as data and nev
 
 - `complexity`: per-segment complexity score in [0, 1] (surprisal, zlib ratio, lexical/embedding novelty)
 - `windows`: complexity -> attention window in [min, max] under a byte budget, with hysteresis
+- `adaptive_policy`: applies the window decisions to a session's sink+window KV policy
 - `segmentation`: content-aware segments (turns, paragraphs, sentences, code fences, topic shifts)
 - `placement`: eviction policies (LRU, size-aware, priority, lookahead), composable
 - `memory_budget`: session state across device / host / peer / disk tiers with prefetch
@@ -26,6 +27,7 @@ _EXPORTS = {
     "WindowDecision": "windows",
     "WindowScheduler": "windows",
     "AdaptiveWindow": "windows",
+    "AdaptiveWindowController": "adaptive_policy",
     "Segment": "segmentation",
     "segment_text": "segmentation",
     "LexicalTopicShift": "segmentation",
