@@ -56,7 +56,12 @@ class MemoryTier(ByteAccounting):
         if all(_owns_storage(t, self.device) for t in blob.tensors.values()) and not self.pin_memory:
             held = blob
         else:
-            held = blob.to(self.device, pin_memory=self.pin_memory)
+            try:
+                held = blob.to(self.device, pin_memory=self.pin_memory)
+            except RuntimeError as exc:  # out of memory (torch.OutOfMemoryError is one): nothing changed
+                raise StorageError(
+                    f"{self.name} tier could not copy session {key!r} ({need} bytes) to {self.device}: {exc}"
+                ) from exc
         self._blobs[key] = held
         self._charged[key] = need
         self._used += need

@@ -71,36 +71,50 @@ def write_blob(fd: int, blob: StateBlob) -> int:
 
 
 def read_blob(f: BinaryIO, *, size: int) -> StateBlob:
-    """Read a blob written by `write_blob` (or `StateBlob.to_bytes`) from a file opened 'rb'."""
+    """Read a blob written by `write_blob` (or `StateBlob.to_bytes`) from a file opened 'rb'.
+
+    Anything that is not a well-formed state file of `size` bytes (truncated, foreign, a header
+    whose tensors overlap, run past the end or do not match their shapes) raises
+    `StateFormatError`; nothing is allocated before the header has been checked against the size.
+    """
     head = f.read(8)
     if len(head) < 8:
         raise StateFormatError("spill file is truncated (no header length)")
     n = int.from_bytes(head, "little")
     if n <= 0 or n > _MAX_HEADER or 8 + n > size:
         raise StateFormatError("spill file header is truncated or corrupt")
+    raw_header = f.read(n)
+    if len(raw_header) < n:
+        raise StateFormatError("spill file header is truncated or corrupt")
     try:
-        header = json.loads(f.read(n))
+        header = json.loads(raw_header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StateFormatError(f"spill file header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise StateFormatError("spill file header is not a JSON object")
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         raise StateFormatError("spill file is not a streamctx state blob")
     if meta.get("version") != str(STATE_FORMAT_VERSION):
         raise StateFormatError(f"unsupported state format version {meta.get('version')!r}")
+    try:
+        user_meta = json.loads(meta.get("meta", "{}"))
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise StateFormatError(f"spill file metadata is not valid JSON: {exc}") from exc
+    if not isinstance(user_meta, dict) or not isinstance(meta.get("kind", ""), str):
+        raise StateFormatError("spill file metadata is malformed")
     base = 8 + n
+    layout = [(name, *_entry(name, info, size - base)) for name, info in header.items()]
+    layout.sort(key=lambda e: e[3])
+    for prev, cur in zip(layout, layout[1:]):
+        if cur[3] < prev[4]:
+            raise StateFormatError(f"spill file tensors {prev[0]!r} and {cur[0]!r} overlap")
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = _FROM_NAME.get(info["dtype"])
-        if dtype is None:
-            raise StateFormatError(f"spill file tensor {name!r} has unsupported dtype {info['dtype']!r}")
-        start, end = info["data_offsets"]
-        t = torch.empty(info["shape"], dtype=dtype)
-        raw = t.reshape(-1).view(torch.uint8)
-        if raw.numel() != end - start or base + end > size:
-            raise StateFormatError(f"spill file tensor {name!r} does not match its byte range")
-        if raw.numel():
+    for name, dtype, shape, start, end in layout:
+        t = torch.empty(shape, dtype=dtype)
+        if end > start:
             f.seek(base + start)
-            view = memoryview(raw.numpy())
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
             got = 0
             while got < len(view):
                 k = f.readinto(view[got:])
@@ -108,4 +122,26 @@ def read_blob(f: BinaryIO, *, size: int) -> StateBlob:
                     raise StateFormatError(f"spill file is truncated inside tensor {name!r}")
                 got += k
         tensors[name] = t
-    return StateBlob(meta.get("kind", ""), tensors, json.loads(meta.get("meta", "{}")))
+    return StateBlob(meta.get("kind", ""), tensors, user_meta)
+
+
+def _entry(name: str, info: object, data_size: int) -> tuple[torch.dtype, list[int], int, int]:
+    """(dtype, shape, start, end) of one header entry, checked against itself and the data size."""
+    if not isinstance(info, dict):
+        raise StateFormatError(f"spill file entry {name!r} is not an object")
+    dtype = _FROM_NAME.get(info.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise StateFormatError(f"spill file tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise StateFormatError(f"spill file tensor {name!r} has a malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise StateFormatError(f"spill file tensor {name!r} has malformed data_offsets {offsets!r}")
+    start, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if not 0 <= start <= end <= data_size or end - start != nbytes:
+        raise StateFormatError(f"spill file tensor {name!r} does not match its byte range")
+    return dtype, shape, start, end
