@@ -198,11 +198,25 @@ class StageSpec(_Section):
 
 
 class CheckpointSpec(_Section):
-    """Placeholder for the reliability issue (session-state checkpoints); only validated today."""
+    """Session-state checkpoints (aligned barriers) and exactly-once recovery.
+
+    With `enabled`, a barrier follows every `interval_records` source records (and every
+    `interval_s` seconds, if set); each stage replica then writes its sessions' state and, once the
+    records before the barrier are committed to the sink, a manifest completes the checkpoint. A lost
+    stage actor or node is recovered from the last checkpoint (at most `max_recoveries` times per
+    run); `streamctx run --resume` continues a killed job. `path`: a folder inside the spec's folder
+    (default `checkpoints/<job name>`) or a filesystem URI (`s3://bucket/prefix`, `file:///abs/dir`);
+    `filesystem` (Python only): a `pyarrow.fs.FileSystem` that `path` lies in. `keep`: complete
+    checkpoints kept.
+    """
 
     enabled: bool = False
     interval_records: int = Field(default=10_000, ge=1)
-    path: Optional[str] = None
+    interval_s: Optional[float] = Field(default=None, gt=0)
+    path: Optional[str] = Field(default=None, min_length=1)
+    keep: int = Field(default=2, ge=1)
+    max_recoveries: int = Field(default=100, ge=0)
+    filesystem: Any = Field(default=None, exclude=True, repr=False)
 
 
 class JobSpec(_Section):
