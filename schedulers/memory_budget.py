@@ -196,6 +196,10 @@ class MemoryBudgetScheduler:
         if thread is not None:
             thread.join()
 
+    @property
+    def prefetcher_running(self) -> bool:
+        return self._thread is not None
+
     def close(self) -> None:
         self.stop_prefetcher()
 

@@ -1,0 +1,179 @@
+"""An engine's sessions under the memory-budget scheduler: idle state spills, restored before use.
+
+`TieredSessions(engine, scheduler)` hands out live `Session`s by id, like `engine.session(sid)`,
+while keeping at most `max_live` of them in the engine's KV pool. A session that is released (or
+pushed out as the least recently used live one) is saved (`Session.save()`, the exact state:
+KV, positions, last logits, chat history, policy state) as a `StateBlob` and admitted to the
+scheduler, which places it on the device, host, peer or disk tier under their byte budgets. Asking
+for it again restores it from wherever it is (a prefetch, hinted by `hint_upcoming`, has already
+brought it to the device tier when the hint came early enough).
+
+    tiered = TieredSessions(engine, MemoryBudgetScheduler([device, host, peer, disk]), max_live=4)
+    s = tiered.session("conv-42")       # live; restored from its tier if it was spilled
+    s.feed("..."); s.generate(8)
+    tiered.release("conv-42")           # optional: spill now (else when max_live is exceeded)
+    tiered.hint_upcoming(["conv-7", "conv-9"])   # queued next: prefetched toward the device
+    tiered.close("conv-42")             # session ended: state freed in every tier
+    tiered.stats()
+
+Memory: the scheduler's device tier holds the snapshots of idle sessions (its budget is checked on
+the live tensors, `MemoryBudgetScheduler.live_device_bytes`); live sessions hold their KV in the
+engine's pool (`working_bytes` in `stats()`), at most `max_live` of them. A live session's
+snapshot is not kept while it is live (no double holding): it is read from its tier, restored,
+and dropped from the scheduler; releasing admits the new snapshot.
+
+Exactness: save -> tier moves -> restore is bit-exact (each tier is), so a session gives the same
+outputs as one that never left the engine, up to one difference in how work is chunked: saving
+flushes a pending generated token (a one-token forward) that a never-saved session would feed
+together with its next input (DESIGN contract 8: same tokens, logits within tolerance).
+
+Not thread-safe (the engine is not); the scheduler's background prefetcher is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from streamctx.engine import Engine, EngineError, Session
+from streamctx.schedulers.memory_budget import MemoryBudgetScheduler
+from streamctx.state import StateBlob
+
+__all__ = ["TieredSessions"]
+
+
+class TieredSessions:
+    """Live sessions of `engine` (at most `max_live`), the rest spilled through `scheduler`."""
+
+    def __init__(self, engine: Engine, scheduler: MemoryBudgetScheduler, *, max_live: int = 1,
+                 prefetch_on_hint: bool = True) -> None:
+        if max_live < 1:
+            raise ValueError(f"max_live must be >= 1, got {max_live}")
+        self.engine = engine
+        self.scheduler = scheduler
+        self.max_live = max_live
+        self.prefetch_on_hint = prefetch_on_hint
+        self._live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._counts = dict.fromkeys(["new", "checkouts", "releases", "auto_releases", "closes"], 0)
+        self._save_s = 0.0
+        self._restore_s = 0.0
+
+    # ---- the engine-facing API -----------------------------------------------------------------
+    def session(self, session_id: str) -> Session:
+        """The live session `session_id`: already live, restored from its tier, or new."""
+        live = self._live.get(session_id)
+        if live is not None and not live.closed:
+            self._live.move_to_end(session_id)
+            return live
+        self._live.pop(session_id, None)
+        self._make_room(keep=session_id)
+        if session_id in self.engine.sessions:
+            raise EngineError(f"session {session_id!r} is live in the engine outside TieredSessions")
+        if self._known(session_id):
+            s = self._restore(session_id)
+            self._counts["checkouts"] += 1
+        else:
+            s = self.engine.session(session_id)
+            self._counts["new"] += 1
+        self._live[session_id] = s
+        return s
+
+    @contextmanager
+    def use(self, session_id: str) -> Iterator[Session]:
+        """`with tiered.use(sid) as s: ...`: the session, released when the block ends."""
+        s = self.session(session_id)
+        try:
+            yield s
+        finally:
+            if not s.closed and self._live.get(session_id) is s:
+                self.release(session_id)
+
+    def release(self, session_id: str) -> None:
+        """Spill a live session now: its exact state goes to the scheduler, its KV back to the pool."""
+        s = self._live.pop(session_id, None)
+        if s is None:
+            raise KeyError(f"session {session_id!r} is not live")
+        if s.closed:  # closed by its user: nothing to keep
+            self._forget(session_id)
+            return
+        t0 = time.perf_counter()
+        blob = StateBlob.from_bytes(s.save())
+        s.close()
+        self.scheduler.admit(session_id, blob)
+        self._save_s += time.perf_counter() - t0
+        self._counts["releases"] += 1
+
+    def close(self, session_id: str) -> None:
+        """The session ended: its live state and any spilled copy are freed."""
+        s = self._live.pop(session_id, None)
+        if s is not None:
+            s.close()
+        self._forget(session_id)
+        self._counts["closes"] += 1
+
+    def hint_upcoming(self, session_ids: Sequence[str]) -> None:
+        """Sessions with queued work, next first: their state moves toward the device ahead of use."""
+        self.scheduler.hint_upcoming([s for s in session_ids if s not in self._live])
+        if self.prefetch_on_hint and not self.scheduler.prefetcher_running:
+            self.scheduler.prefetch()
+
+    def release_all(self) -> None:
+        for sid in list(self._live):
+            self.release(sid)
+
+    # ---- inspection ----------------------------------------------------------------------------
+    def live(self) -> list[str]:
+        return list(self._live)
+
+    def working_bytes(self) -> int:
+        """KV/state bytes the live sessions hold in the engine."""
+        return sum(self.engine.model.state_nbytes(s.state) for s in self._live.values() if not s.closed)
+
+    def stats(self) -> dict[str, Any]:
+        """The scheduler's stats (bytes per tier, spills, restores, hit rate, stall) plus the
+        engine side: live sessions, their working bytes, save/restore seconds."""
+        st = self.scheduler.stats()
+        gets = st["hits"] + st["misses"]
+        st.update(
+            live_sessions=len(self._live), working_bytes=self.working_bytes(),
+            tier_bytes={name: t["used"] for name, t in st["tiers"].items()},
+            prefetch_hit_rate=(st["prefetch_hits"] / gets if gets else None),
+            save_s=self._save_s, restore_s=self._restore_s,
+            stall_s=st["stall_s"] + self._restore_s,
+            **self._counts,
+        )
+        return st
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _known(self, session_id: str) -> bool:
+        try:
+            self.scheduler.tier_of(session_id)
+        except KeyError:
+            return False
+        return True
+
+    def _forget(self, session_id: str) -> None:
+        if self._known(session_id):
+            self.scheduler.drop(session_id)
+
+    def _make_room(self, keep: str) -> None:
+        while len(self._live) >= self.max_live:
+            victim = next(s for s in self._live if s != keep)
+            self.release(victim)
+            self._counts["auto_releases"] += 1
+
+    def _restore(self, session_id: str) -> Session:
+        # The scheduler's own read (a restore to the device tier, counted as hit or miss, timed as
+        # its stall); then into the engine, and out of the scheduler while live.
+        blob = self.scheduler.get(session_id, pin=True)
+        t0 = time.perf_counter()
+        try:
+            s = self.engine.session(session_id, state=blob.to_bytes())
+        except Exception:
+            self.scheduler.unpin(session_id)
+            raise
+        self.scheduler.drop(session_id)
+        self._restore_s += time.perf_counter() - t0
+        return s
