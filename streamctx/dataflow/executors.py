@@ -5,15 +5,39 @@ replicas of its route, `done(handle)` / `result(handle)` collect the output, and
 sessions and returns each replica's stats. On Ray the stage calls of one route are chained by
 object reference (actor to actor through the object store, never through the driver), and Ray runs
 the calls one submitter makes to one actor in submission order: per-session order holds.
+
+Checkpoints use the same ordering: `snapshot(ckpt_id, store)` queues one snapshot call on every
+replica behind the batches already submitted to it (the barrier), so each replica's state file
+reflects exactly the records before the barrier. `restore(store, manifest)` puts every replica back
+to a checkpoint; `recover()` (Ray) first replaces dead actors with new ones.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional
 
+from streamctx.dataflow.checkpoint import CheckpointError, CheckpointStore, Manifest
 from streamctx.dataflow.plan import StagePlan
 from streamctx.dataflow.stages import Envelope, StageHost
+
+
+def snapshot_host(host: StageHost, store: CheckpointStore, ckpt_id: int, stage_index: int,
+                  replica: int) -> dict[str, Any]:
+    """Write one replica's state into checkpoint `ckpt_id`; its manifest entry."""
+    entry = store.write_state(ckpt_id, stage_index, replica, host.snapshot())
+    entry["sessions"] = len(host.live)
+    return entry
+
+
+def restore_host(host: StageHost, store: CheckpointStore, manifest: Optional[Manifest], stage_index: int,
+                 replica: int) -> None:
+    """Put one replica back to `manifest` (None: the empty state a job starts with)."""
+    if manifest is None:
+        host.restore(None)
+        return
+    host.restore(store.read_state(manifest.ckpt_id, manifest.states[stage_index][replica]))
 
 
 class LocalExecutor:
@@ -38,6 +62,31 @@ class LocalExecutor:
 
     def finish(self) -> list[list[dict[str, Any]]]:
         return [[h.finish() for h in hosts] for hosts in self.hosts]
+
+    def not_checkpointable(self) -> list[str]:
+        return sorted({h.name for hosts in self.hosts for h in hosts if not h.checkpointable})
+
+    def snapshot(self, ckpt_id: int, store: CheckpointStore) -> list[list[dict[str, Any]]]:
+        return [[snapshot_host(h, store, ckpt_id, k, r) for r, h in enumerate(hosts)]
+                for k, hosts in enumerate(self.hosts)]
+
+    def snapshot_done(self, handle: list[list[dict[str, Any]]]) -> bool:
+        return True
+
+    def snapshot_result(self, handle: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        return handle
+
+    def restore(self, store: CheckpointStore, manifest: Optional[Manifest]) -> None:
+        for k, hosts in enumerate(self.hosts):
+            for r, h in enumerate(hosts):
+                restore_host(h, store, manifest, k, r)
+
+    def is_failure(self, exc: BaseException) -> bool:
+        """In-process stages never crash apart from the driver: nothing here is recoverable."""
+        return False
+
+    def recover(self) -> int:
+        return 0
 
     def shutdown(self) -> None:
         self.hosts = []
@@ -71,6 +120,21 @@ class _StageActor:
         assert self.host is not None, "stage actor used before load()"
         return self.host.finish()
 
+    def checkpointable(self) -> bool:
+        assert self.host is not None, "stage actor used before load()"
+        return self.host.checkpointable
+
+    def snapshot(self, store: CheckpointStore, ckpt_id: int, stage_index: int, replica: int) -> dict[str, Any]:
+        assert self.host is not None, "stage actor used before load()"
+        return snapshot_host(self.host, store, ckpt_id, stage_index, replica)
+
+    def restore(self, store: CheckpointStore, manifest: Optional[Manifest], stage_index: int, replica: int) -> None:
+        assert self.host is not None, "stage actor used before load()"
+        restore_host(self.host, store, manifest, stage_index, replica)
+
+    def pid(self) -> int:
+        return os.getpid()
+
     def unload(self) -> None:
         self.host = None
         import gc
@@ -103,6 +167,7 @@ class RayExecutor:
             _pool.clear()
             _pool_owner = job
         self.plan = plan
+        self.start_timeout_s = start_timeout_s
         t0 = time.perf_counter()
         self.keys = [[_pool_key(p.num_cpus, p.resources_for(r)) for r in range(p.replicas)] for p in plan]
         self.actors = [[self._acquire(key) for key in keys] for keys in self.keys]
@@ -158,6 +223,91 @@ class RayExecutor:
 
     def finish(self) -> list[list[dict[str, Any]]]:
         return [self.ray.get([a.finish.remote() for a in acts]) for acts in self.actors]
+
+    # --- checkpoints and recovery ----------------------------------------------------------------
+
+    def not_checkpointable(self) -> list[str]:
+        flags = [self.ray.get([a.checkpointable.remote() for a in acts]) for acts in self.actors]
+        return sorted({p.name for p, fl in zip(self.plan, flags) if not all(fl)})
+
+    def snapshot(self, ckpt_id: int, store: CheckpointStore) -> list[list[Any]]:
+        """The barrier: one snapshot call per replica, queued behind everything submitted to it."""
+        return [[a.snapshot.remote(store, ckpt_id, k, r) for r, a in enumerate(acts)]
+                for k, acts in enumerate(self.actors)]
+
+    def snapshot_done(self, handle: list[list[Any]]) -> bool:
+        flat = [ref for refs in handle for ref in refs]
+        ready, _ = self.ray.wait(flat, num_returns=len(flat), timeout=0, fetch_local=False)
+        return len(ready) == len(flat)
+
+    def snapshot_result(self, handle: list[list[Any]]) -> list[list[dict[str, Any]]]:
+        try:
+            return [self.ray.get(refs) for refs in handle]
+        except self.ray.exceptions.RayTaskError as exc:  # a storage error inside an actor
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, CheckpointError):
+                raise CheckpointError(str(cause)) from None
+            raise
+
+    def restore(self, store: CheckpointStore, manifest: Optional[Manifest]) -> None:
+        self.ray.get([a.restore.remote(store, manifest, k, r)
+                      for k, acts in enumerate(self.actors) for r, a in enumerate(acts)])
+
+    def is_failure(self, exc: BaseException) -> bool:
+        """A lost actor, node or object: recoverable from a checkpoint (a stage's own errors are
+        dead-lettered inside the actor and never get here)."""
+        ex = self.ray.exceptions
+        lost = (ex.RayActorError, ex.ObjectLostError, ex.OwnerDiedError, ex.ActorUnavailableError,
+                ex.NodeDiedError, ex.WorkerCrashedError)
+        if isinstance(exc, ex.RayTaskError):
+            return isinstance(getattr(exc, "cause", None), lost)
+        return isinstance(exc, lost)
+
+    def recover(self, ping_timeout_s: float = 60.0) -> int:
+        """Replace every actor that no longer answers by a new one (same stage, same replica,
+        loaded afresh); a replica pinned to custom resources no node offers any more (its node
+        was lost) is placed anywhere. Returns how many were replaced."""
+        ray = self.ray
+        pings = [[a.pid.remote() for a in acts] for acts in self.actors]
+        dead: list[tuple[int, int]] = []
+        for k, refs in enumerate(pings):
+            for r, ref in enumerate(refs):
+                try:
+                    ray.get(ref, timeout=ping_timeout_s)
+                except Exception:  # died, unreachable, or hung: replace it
+                    dead.append((k, r))
+        if not dead:
+            return 0
+        have = ray.cluster_resources()
+        loads = []
+        for k, r in dead:
+            p = self.plan[k]
+            try:
+                ray.kill(self.actors[k][r])
+            except Exception:  # already gone
+                pass
+            res = p.resources_for(r)
+            if any(have.get(name, 0) < amount for name, amount in res.items()):
+                res = {}
+            self.keys[k][r] = _pool_key(p.num_cpus, res)
+            a = ray.remote(_StageActor).options(num_cpus=p.num_cpus, resources=res or None, max_restarts=0,
+                                                max_concurrency=1).remote()
+            self.actors[k][r] = a
+            loads.append((k, r, a.load.remote(p, r)))
+        for k, r, ref in loads:
+            self.nodes[k][r] = ray.get(ref, timeout=self.start_timeout_s)
+        return len(dead)
+
+    def pids(self) -> dict[tuple[str, int], int]:
+        """(stage, replica) -> worker process id of every live replica (fault-injection tests, soak)."""
+        refs = {(p.name, r): a.pid.remote() for p, acts in zip(self.plan, self.actors) for r, a in enumerate(acts)}
+        out = {}
+        for key, ref in refs.items():
+            try:
+                out[key] = self.ray.get(ref, timeout=30)
+            except Exception:  # dead (its replacement comes with the next recovery)
+                pass
+        return out
 
     def shutdown(self, *, reuse: bool = True) -> None:
         reuse = reuse and not self.started_ray

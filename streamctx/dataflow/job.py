@@ -12,16 +12,19 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pyarrow as pa
 
+from streamctx.dataflow.checkpoint import CheckpointError, CheckpointStore, Manifest, chk_dir
 from streamctx.dataflow.executors import LocalExecutor, RayExecutor
 from streamctx.dataflow.plan import build_plan, partition
 from streamctx.dataflow.records import dead_table, public_view, validate_records
 from streamctx.dataflow.result import JobResult, Progress, SessionStats
 from streamctx.dataflow.stages import Envelope
-from streamctx.io import MemorySink, open_sink, open_source
+from streamctx.io import FileSink, MemorySink, open_sink, open_source
 from streamctx.spec import JobSpec
 
 
@@ -31,36 +34,118 @@ def run_job(
     runner: Optional[str] = None,
     address: Optional[str] = None,
     on_progress: Optional[Callable[[Progress], None]] = None,
+    resume: bool = False,
+    on_start: Optional[Callable[[Any], None]] = None,
 ) -> JobResult:
     """Run `spec` to the end of its source; outputs go to its sink.
 
     runner: "local" (in-process) or "ray" (a local Ray started on demand, or `address`);
     defaults to `spec.runner.type`. on_progress: called in this process after each sink write.
+    resume: continue from the job's last complete checkpoint (`checkpoint.enabled`); without it a
+    checkpointed job starts over and drops its old checkpoints. on_start: called with the executor
+    once the stage replicas are up (monitoring, fault-injection tests).
     """
     kind = runner or spec.runner.type
     if kind not in ("local", "ray"):
         raise ValueError(f"runner must be 'local' or 'ray', got {kind!r}")
+    if resume and not spec.checkpoint.enabled:
+        raise ValueError("resume needs checkpoints: set checkpoint.enabled: true in the job spec")
+    if spec.checkpoint.enabled and spec.model is not None and spec.model.stages > 1:
+        raise ValueError("checkpoint.enabled: checkpoints of a split model (model.stages > 1) are not "
+                         "supported yet; use model.stages: 1")
     plan = build_plan(spec)
     executor: Any = LocalExecutor(plan) if kind == "local" else RayExecutor(
         plan, address=address or spec.runner.address, start_timeout_s=spec.runner.start_timeout_s)
     try:
-        return _Driver(spec, kind, plan, executor, on_progress).run()
+        driver = _Driver(spec, kind, plan, executor, on_progress, resume=resume)
+        if on_start is not None:
+            on_start(executor)
+        return driver.run()
     finally:
         executor.shutdown()
 
 
+@dataclass
+class _Recovery:
+    """Checkpoint and recovery bookkeeping of one run.
+
+    delivered: keys of the rows written to the sinks since the last complete checkpoint; rows of
+    records replayed after a failure (offset < replay_until) whose key is here are skipped.
+    """
+
+    last: Optional[Manifest] = None
+    completed: int = 0
+    count: int = 0
+    replaced: int = 0
+    skipped: int = 0
+    replay_until: int = -1
+    barrier_at_records: int = 0
+    barrier_at_t: float = field(default_factory=time.monotonic)
+    delivered: set[tuple[Any, ...]] = field(default_factory=set)
+    errors: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"completed": self.completed, "last_id": self.last.ckpt_id if self.last else None,
+                "recoveries": self.count, "replaced_actors": self.replaced, "replayed_rows_skipped": self.skipped,
+                "failures": list(self.errors)}
+
+
+def _out_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """An output row's identity: the record it answers (offset, session, turn)."""
+    return (row["offset"], "out", row["session_id"], row["turn"])
+
+
+def _dead_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["offset"], "dead", row["stage"], row["session_id"], row["turn"], row["reason"])
+
+
+def checkpoint_store(spec: JobSpec) -> CheckpointStore:
+    """The job's checkpoint store: `checkpoint.filesystem` (Python only) with `checkpoint.path`, a
+    filesystem URI, or a folder inside the spec's folder (default `checkpoints/<job name>`)."""
+    c = spec.checkpoint
+    path = c.path or f"checkpoints/{spec.name}"
+    if c.filesystem is not None or "://" in path:
+        return CheckpointStore(path, c.filesystem)
+    return CheckpointStore(str(spec.resolve_output(path)))
+
+
+@dataclass
+class _Part:
+    """A part of a source batch in flight (handle None: nothing to collect, only dead letters
+    and the offset to move on to)."""
+
+    handle: Any
+    records: int
+    offset: int  # source offset to resume from once delivered (-1: none)
+    t_submit: float
+    dead: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Barrier:
+    """A checkpoint barrier in flight: snapshot calls queued behind every batch submitted before it."""
+
+    ckpt_id: int
+    handle: Any
+    offset: int
+    seq: int
+    records_in: int
+
+
 class _Driver:
     def __init__(self, spec: JobSpec, kind: str, plan: list, executor: Any,
-                 on_progress: Optional[Callable[[Progress], None]]) -> None:
+                 on_progress: Optional[Callable[[Progress], None]], *, resume: bool = False) -> None:
         self.spec, self.kind, self.plan, self.ex = spec, kind, plan, executor
         self.on_progress = on_progress
         self.sink = open_sink(spec)
         self.dl_sink = open_sink(spec, dead_letter=True)
-        # (handle, records, source offset to resume from once delivered (-1: none), submit time)
-        self.inflight: deque[tuple[Any, int, int, float]] = deque()
+        self.inflight: deque[_Part | _Barrier] = deque()
         self.inflight_records = 0
         self.n_in = self.n_out = self.n_dead = 0
         self.bytes_in = 0
+        self.seq = 0
+        self.read_from = spec.source.start_offset  # where the next source read starts
+        self.read_pos = spec.source.start_offset  # the furthest source offset read so far
         self.resume_offset = spec.source.start_offset
         self.committed_offset = spec.source.start_offset
         self.max_inflight_records = 0
@@ -73,13 +158,139 @@ class _Driver:
         self.depth_sum = [0] * len(self.edges)
         self.depth_samples = 0
         self.t0 = time.perf_counter()
+        self.ckpt = spec.checkpoint
+        self.store = checkpoint_store(spec) if self.ckpt.enabled else None
+        self.recovery = _Recovery()
+        if self.store is not None:
+            self._start_checkpoints(resume)
+
+    # --- checkpoints and recovery ----------------------------------------------------------------
+
+    def _start_checkpoints(self, resume: bool) -> None:
+        assert self.store is not None
+        bad = self.ex.not_checkpointable()
+        if bad:
+            raise ValueError(f"checkpoint.enabled: stages {bad} keep session state but have no "
+                             f"snapshot()/restore() hooks")
+        rec = self.recovery
+        if not resume:
+            for cid in self.store.all_ids():  # a fresh run must never resume an older run's state
+                self.store.fs.rmtree(chk_dir(cid))
+            self.next_ckpt = 1
+            return
+        m = self.store.latest()
+        self.next_ckpt = self.store.next_id()
+        if m is not None:
+            plan = [(p.name, p.replicas) for p in self.plan]
+            if m.plan != plan:
+                raise CheckpointError(f"checkpoint {m.ckpt_id} in {self.store.root} was written by a job with "
+                                      f"stages {m.plan}; this job has {plan}: resume needs the same stages and replicas")
+            self.ex.restore(self.store, m)
+            self._rewind(m)
+            rec.last = m
+        # Parts the dead driver committed after its last checkpoint: their rows come again in the replay.
+        for sink, key, name in ((self.sink, _out_key, "out"), (self.dl_sink, _dead_key, "dead_letter")):
+            done = sink.committed_after(m.sinks.get(name) if m else None) if isinstance(sink, FileSink) else None
+            if done is not None and done.num_rows:
+                rec.delivered.update(key(r) for r in done.to_pylist())
+                offs = [o for o in done.column("offset").to_pylist() if o is not None]
+                rec.replay_until = max([rec.replay_until, *[o + 1 for o in offs]])
+
+    def _rewind(self, m: Optional[Manifest]) -> None:
+        start = self.spec.source.start_offset
+        self.read_from = self.resume_offset = self.committed_offset = m.source_offset if m else start
+        self.seq = m.seq if m else 0
+        self.n_in = m.records_in if m else 0
+        self.recovery.barrier_at_records = self.n_in
+        self.recovery.barrier_at_t = time.monotonic()
+
+    def _barrier_due(self) -> bool:
+        rec, c = self.recovery, self.ckpt
+        return self.store is not None and (self.n_in - rec.barrier_at_records >= c.interval_records or (
+            c.interval_s is not None and time.monotonic() - rec.barrier_at_t >= c.interval_s))
+
+    def _barrier(self, offset: int) -> None:
+        assert self.store is not None
+        rec = self.recovery
+        rec.barrier_at_records, rec.barrier_at_t = self.n_in, time.monotonic()
+        cid, self.next_ckpt = self.next_ckpt, self.next_ckpt + 1
+        self.inflight.append(_Barrier(cid, self.ex.snapshot(cid, self.store), offset, self.seq, self.n_in))
+
+    def _complete(self, b: _Barrier) -> None:
+        """Every record before the barrier is in the sinks: commit them, then the manifest."""
+        assert self.store is not None
+        states = self.ex.snapshot_result(b.handle)
+        self.sink.commit()
+        self.dl_sink.commit()
+        m = Manifest(b.ckpt_id, self.spec.name, b.offset, b.seq, b.records_in,
+                     {"out": self.sink.position(), "dead_letter": self.dl_sink.position()}, states,
+                     [(p.name, p.replicas) for p in self.plan])
+        self.store.commit(m, keep=self.ckpt.keep)
+        rec = self.recovery
+        rec.last, rec.completed = m, rec.completed + 1
+        # Outputs of records before the checkpoint can never be replayed again.
+        rec.delivered = {k for k in rec.delivered if k[0] is not None and k[0] >= b.offset}
+
+    def _recover(self, exc: BaseException) -> None:
+        """A stage actor (or its node) was lost: new actors, every replica back to the last
+        checkpoint, the source replays from its offset; outputs already delivered are skipped."""
+        rec = self.recovery
+        if rec.count >= self.ckpt.max_recoveries:
+            raise CheckpointError(f"giving up after {rec.count} recoveries (checkpoint.max_recoveries)") from exc
+        rec.count += 1
+        rec.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        rec.replaced += self.ex.recover()
+        assert self.store is not None
+        self.ex.restore(self.store, rec.last)
+        rec.replay_until = max(rec.replay_until, self.read_pos)
+        self.inflight.clear()
+        self.inflight_records = 0
+        self._rewind(rec.last)
+
+    def _skip_replayed(self, table: pa.Table, key: Callable[[dict[str, Any]], Any]) -> pa.Table:
+        """Record what is written; while replaying, drop what was already written before the failure."""
+        rec = self.recovery
+        if self.store is None:
+            return table
+        rows = table.to_pylist()
+        keys = [key(r) for r in rows]
+        if rec.delivered and rec.replay_until > 0:
+            keep = [i for i, (k, r) in enumerate(zip(keys, rows))
+                    if not (k in rec.delivered and (r["offset"] is None or r["offset"] < rec.replay_until))]
+            if len(keep) < len(rows):
+                rec.skipped += len(rows) - len(keep)
+                table = table.take(pa.array(keep, type=pa.int64()))
+                keys = [keys[i] for i in keep]
+        rec.delivered.update(keys)
+        return table
+
+    # --- the data path ---------------------------------------------------------------------------
 
     def run(self) -> JobResult:
+        failure: Optional[BaseException] = None
+        while True:
+            try:
+                if failure is not None:
+                    self._recover(failure)
+                    failure = None
+                self._pump()
+                stats = self.ex.finish()
+                break
+            except Exception as exc:
+                if self.store is None or not self.ex.is_failure(exc):
+                    raise
+                failure = exc  # a failure during recovery itself starts the recovery over
+        files = self.sink.close() + self.dl_sink.close()
+        self._commit_point()
+        return self._result(stats, files)
+
+    def _pump(self) -> None:
+        """Read from `read_from` to the end of the source, delivering everything."""
         spec = self.spec
         bound = spec.runner.max_in_flight
         bs = min(spec.runner.batch_size, bound)
-        raws_it = open_source(spec).records()
-        seq = 0
+        raws_it = open_source(spec, start_offset=self.read_from).records()
+        self.read_pos = max(self.read_pos, self.read_from)
         while True:
             self._drain(block=False)
             if self.inflight and self.inflight_records + bs > bound:
@@ -92,52 +303,59 @@ class _Driver:
             if not raws:
                 break
             self.n_in += len(raws)
-            batch, dead, seq = validate_records(raws, seq)
-            self._dead(dead)
+            batch, dead, self.seq = validate_records(raws, self.seq)
             resume = raws[-1].next_offset
-            if batch is None:  # all dead: the offset moves on with the last batch still in flight
-                if self.inflight:
-                    self.inflight[-1] = (*self.inflight[-1][:2], resume, self.inflight[-1][3])
-                else:
-                    self.resume_offset = resume
-                    self._commit_point()
-                continue
-            self.bytes_in += batch.nbytes
-            parts = partition(batch, self.plan, spec.runner.key_groups)
+            self.read_pos = max(self.read_pos, resume)
             now = time.perf_counter()
-            for i, (route, part) in enumerate(parts):
-                # Only the last part of a batch moves the resume offset past the batch.
-                off = resume if i == len(parts) - 1 else -1
-                self.inflight.append((self.ex.submit(route, Envelope(part)), part.num_rows, off, now))
-                self.inflight_records += part.num_rows
+            if batch is None:  # all dead: delivered in order with what is in flight
+                self.inflight.append(_Part(None, 0, resume, now, dead))
+            else:
+                self.bytes_in += batch.nbytes
+                parts = partition(batch, self.plan, spec.runner.key_groups)
+                for i, (route, part) in enumerate(parts):
+                    # Only the last part of a batch moves the resume offset past the batch; the
+                    # first carries the batch's dead letters (they travel with it, in order).
+                    off = resume if i == len(parts) - 1 else -1
+                    env = Envelope(part, dead if i == 0 else [])
+                    self.inflight.append(_Part(self.ex.submit(route, env), part.num_rows, off, now))
+                    self.inflight_records += part.num_rows
+            if self._barrier_due():
+                self._barrier(resume)
             self.max_inflight_records = max(self.max_inflight_records, self.inflight_records)
             self.max_inflight_batches = max(self.max_inflight_batches, len(self.inflight))
         self._drain(block=True)
-        stats = self.ex.finish()
-        files = self.sink.close() + self.dl_sink.close()
-        self._commit_point()
-        return self._result(stats, files)
 
     # --- delivery --------------------------------------------------------------------------------
 
     def _drain(self, *, block: bool) -> None:
-        while self.inflight and (block or self.ex.done(self.inflight[0][0])):
+        while self.inflight and (block or self._ready(self.inflight[0])):
             self._drain_one()
 
+    def _ready(self, e: _Part | _Barrier) -> bool:
+        if isinstance(e, _Barrier):
+            return self.ex.snapshot_done(e.handle)
+        return e.handle is None or self.ex.done(e.handle)
+
     def _drain_one(self) -> None:
-        handle, n, off, t_sub = self.inflight.popleft()
-        env: Envelope = self.ex.result(handle)
-        self.inflight_records -= n
-        self.latencies.append((time.perf_counter() - t_sub, n))
+        e = self.inflight[0]
+        if isinstance(e, _Barrier):
+            self._complete(e)
+            self.inflight.popleft()
+            return
+        env: Envelope = self.ex.result(e.handle) if e.handle is not None else Envelope(None, e.dead)
+        self.inflight.popleft()
+        self.inflight_records -= e.records
+        self.latencies.append((time.perf_counter() - e.t_submit, e.records))
         t = time.perf_counter()
         if env.batch is not None and env.batch.num_rows:
-            out = public_view(env.batch)
-            self.sink.write(out)
-            self.n_out += out.num_rows
+            out = self._skip_replayed(pa.Table.from_batches([public_view(env.batch)]), _out_key)
+            if out.num_rows:
+                self.sink.write(out)
+                self.n_out += out.num_rows
         self._dead(env.dead)
         self.sink_s += time.perf_counter() - t
-        if off >= 0:
-            self.resume_offset = off
+        if e.offset >= 0:
+            self.resume_offset = e.offset
         self._commit_point()
         if self.on_progress is not None:
             self.on_progress(Progress(self.n_in, self.n_out, self.n_dead, self.inflight_records,
@@ -151,7 +369,7 @@ class _Driver:
 
     def _sample_depths(self) -> None:
         """Batches queued on each edge, sampled whenever the in-flight bound throttles the source."""
-        depths = self.ex.queue_depths([h for h, *_ in self.inflight])
+        depths = self.ex.queue_depths([e.handle for e in self.inflight if isinstance(e, _Part) and e.handle is not None])
         self.depth_samples += 1
         for i, d in enumerate(depths):
             self.depth_max[i] = max(self.depth_max[i], d)
@@ -159,8 +377,10 @@ class _Driver:
 
     def _dead(self, rows: list[dict[str, Any]]) -> None:
         if rows:
-            self.dl_sink.write(dead_table(rows))
-            self.n_dead += len(rows)
+            table = self._skip_replayed(dead_table(rows), _dead_key)
+            if table.num_rows:
+                self.dl_sink.write(table)
+                self.n_dead += table.num_rows
 
     # --- result ----------------------------------------------------------------------------------
 
@@ -204,6 +424,8 @@ class _Driver:
             "sink_s": self.sink_s,
             "stages": stage_metrics,
         }
+        if self.store is not None:
+            metrics["checkpoints"] = self.recovery.metrics()
         if isinstance(self.ex, RayExecutor):
             metrics["actor_startup_s"] = self.ex.startup_s
             metrics["nodes"] = {p.name: nodes for p, nodes in zip(self.plan, self.ex.nodes)}

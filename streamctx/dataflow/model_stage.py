@@ -110,6 +110,16 @@ class ModelStage:
         for s in list(self.engine.sessions.values()):
             s.close()
 
+    def snapshot(self) -> dict[str, bytes]:
+        """Every live session's state (`Session.save()`: versioned safetensors bytes)."""
+        return {sid: s.save() for sid, s in self.engine.sessions.items()}
+
+    def restore(self, blobs: dict[str, bytes]) -> None:
+        """Drop every live session, then restore `blobs` (bit-exact: `engine.session(sid, state=...)`)."""
+        self.close()
+        for sid, data in blobs.items():
+            self.engine.session(sid, state=data)
+
 
 def engine_policy(policy: dict[str, Any]) -> str | dict[str, Any]:
     """The spec's policy section in the engine's terms: `{type: X, ...}` -> `{name: X, ...}`;

@@ -9,10 +9,16 @@ session has been idle past the TTL; it dead-letters the batch when the stage rai
 live sessions and their bytes. The same host runs in-process (local runner) and inside a Ray actor.
 
 The built-in `SegmentStage` is the lifecycle authority: turn order, duplicates, idle TTLs.
+
+Checkpoints: `StageHost.snapshot()` returns the replica's state as `StateBlob` bytes (the host's
+live-session table and counters plus the stage's own named blobs) and `restore(data)` puts it back.
+A stage takes part through `snapshot() -> dict[str, bytes]` and `restore(blobs)`; a keyed user
+stage without them cannot be checkpointed (a clear error when the job starts).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
@@ -22,6 +28,9 @@ import pyarrow.compute as pc
 
 from streamctx.dataflow.records import CORE_NAMES, dead_row
 from streamctx.spec import SessionsSpec
+from streamctx.state import StateBlob
+
+HOST_STATE_KIND = "streamctx.stage_host"
 
 
 @dataclass
@@ -101,6 +110,14 @@ class SegmentStage:
 
     def session_bytes(self) -> dict[str, int]:
         return {}
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {"last_turn": json.dumps(self.last_turn, sort_keys=True).encode(),
+                "ended": json.dumps(self.ended).encode()}
+
+    def restore(self, blobs: dict[str, bytes]) -> None:
+        self.last_turn = {str(k): int(v) for k, v in json.loads(blobs.get("last_turn", b"{}")).items()}
+        self.ended = {"end": 0, "ttl": 0, "close": 0, **json.loads(blobs.get("ended", b"{}"))}
 
 
 class StageHost:
@@ -222,6 +239,53 @@ class StageHost:
         if self._has_bytes:
             self.peak_bytes = max(self.peak_bytes, sum(self.stage.session_bytes().values()))
 
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def checkpointable(self) -> bool:
+        """Stateless stages always are; keyed ones need `snapshot()` and `restore()`."""
+        if isinstance(self.stage, SegmentStage) or not self.keyed:
+            return True
+        return callable(getattr(self.stage, "snapshot", None)) and callable(getattr(self.stage, "restore", None))
+
+    def snapshot(self) -> bytes:
+        """This replica's state as `StateBlob` bytes: stage blobs as uint8 tensors, the rest in meta."""
+        if not self.checkpointable:
+            raise TypeError(f"stage {self.name!r} keeps session state but has no snapshot()/restore() hooks")
+        hook = getattr(self.stage, "snapshot", None)
+        blobs: dict[str, bytes] = hook() if self.keyed and callable(hook) else {}
+        keys = sorted(blobs)
+        tensors = {f"b{i}": _u8(blobs[k]) for i, k in enumerate(keys)}
+        meta = {"stage": self.name, "keys": keys,
+                "live": {sid: st.last_seq for sid, st in self.live.items()}, "ended": self.ended,
+                "peak_live": self.peak_live, "peak_bytes": self.peak_bytes, "calls": self.calls,
+                "records": self.records, "errors": self.errors}
+        return StateBlob(HOST_STATE_KIND, tensors, meta).to_bytes()
+
+    def restore(self, data: Optional[bytes]) -> None:
+        """Replace this replica's state with a snapshot (None: the empty state of a new job).
+
+        Restored sessions count as seen now for the wall-clock TTL (monotonic clocks are per process).
+        """
+        if data is None:
+            blob = StateBlob(HOST_STATE_KIND, {}, {"stage": self.name, "keys": [], "live": {},
+                                                  "ended": {"end": 0, "ttl": 0, "close": 0}, "peak_live": 0,
+                                                  "peak_bytes": 0, "calls": 0, "records": 0, "errors": 0})
+        else:
+            blob = StateBlob.from_bytes(data, expect_kind=HOST_STATE_KIND)
+        meta = blob.meta
+        if meta["stage"] != self.name:
+            raise ValueError(f"checkpoint state of stage {meta['stage']!r} given to stage {self.name!r}")
+        hook = getattr(self.stage, "restore", None)
+        if self.keyed and callable(hook):
+            hook({k: blob.tensors[f"b{i}"].numpy().tobytes() for i, k in enumerate(meta["keys"])})
+        now = time.monotonic()
+        self.live = {sid: _Live(int(seq), now) for sid, seq in meta["live"].items()}
+        self.ended = dict(meta["ended"])
+        self.peak_live, self.peak_bytes = int(meta["peak_live"]), int(meta["peak_bytes"])
+        self.calls, self.records, self.errors = int(meta["calls"]), int(meta["records"]), int(meta["errors"])
+        self._next_sweep_seq, self._next_sweep_t = 0, 0  # the next batch rescans every live session
+
     # --- control ---------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
@@ -247,6 +311,12 @@ class StageHost:
         if callable(getattr(self.stage, "close", None)):
             self.stage.close()
         return self.stats()
+
+
+def _u8(data: bytes) -> Any:
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
 
 def _reattach(inp: pa.RecordBatch, out: pa.RecordBatch) -> pa.RecordBatch:

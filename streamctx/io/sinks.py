@@ -21,6 +21,12 @@ class Sink(Protocol):
     def flushed(self) -> bool:
         """True when everything written so far is committed (nothing is only buffered)."""
         ...
+    def commit(self) -> None:
+        """Commit what is buffered now (a checkpoint barrier)."""
+        ...
+    def position(self) -> dict[str, Any]:
+        """The committed position, as a checkpoint manifest records it."""
+        ...
     def close(self) -> list[str]:
         """Commit what is buffered; the committed file paths (empty for non-file sinks)."""
         ...
@@ -55,6 +61,25 @@ class FileSink:
 
     def flushed(self) -> bool:
         return not self._buf
+
+    def commit(self) -> None:
+        self._commit()
+
+    def position(self) -> dict[str, Any]:
+        return {"parts": self._next}
+
+    def committed_after(self, position: Optional[dict[str, Any]]) -> Optional[pa.Table]:
+        """Rows of the parts committed after `position` (None: every part), e.g. by a driver that
+        died after its last checkpoint: a resumed job skips them when its replay produces them again."""
+        first = int(position["parts"]) if position else 0
+        parts = sorted(p for p in self.folder.glob(f"part-*.{self.fmt}")
+                       if p.stem.split("-")[1].isdigit() and int(p.stem.split("-")[1]) >= first)
+        if not parts:
+            return None
+        if self.fmt == "parquet":
+            return _concat([pq.read_table(p) for p in parts])
+        rows = [json.loads(line) for p in parts for line in p.read_text(encoding="utf-8").splitlines() if line]
+        return pa.Table.from_pylist(rows) if rows else None
 
     def _commit(self) -> None:
         if not self._buf:
@@ -99,6 +124,12 @@ class MemorySink:
     def flushed(self) -> bool:
         return True
 
+    def commit(self) -> None:
+        pass
+
+    def position(self) -> dict[str, Any]:
+        return {"rows": sum(t.num_rows for t in self.parts)}
+
     def table(self) -> Optional[pa.Table]:
         return _concat(self.parts) if self.parts else None
 
@@ -118,6 +149,12 @@ class CallbackSink:
 
     def flushed(self) -> bool:
         return True
+
+    def commit(self) -> None:
+        pass
+
+    def position(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> list[str]:
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pyarrow as pa
@@ -29,6 +30,51 @@ class History:
 
     def session_bytes(self) -> dict[str, int]:
         return {sid: sum(len(t.encode()) for t in h) for sid, h in self.hist.items()}
+
+    def snapshot(self) -> dict[str, bytes]:
+        return {sid: json.dumps(h).encode() for sid, h in self.hist.items()}
+
+    def restore(self, blobs: dict[str, bytes]) -> None:
+        self.hist = {sid: json.loads(b) for sid, b in blobs.items()}
+
+
+class Counter:
+    """Keyed state without snapshot hooks: a checkpointed job must refuse it."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        for sid in batch.column("session_id").to_pylist():
+            self.n[sid] = self.n.get(sid, 0) + 1
+        return batch
+
+    def end_session(self, session_id: str) -> None:
+        self.n.pop(session_id, None)
+
+
+class SlowSnapshot:
+    """Stateless rows, but a snapshot that takes `seconds`: widens the window between two stages'
+    snapshots of one barrier (where a fault-injection test kills it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.seen: dict[str, int] = {}
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        for sid in batch.column("session_id").to_pylist():
+            self.seen[sid] = self.seen.get(sid, 0) + 1
+        return batch
+
+    def end_session(self, session_id: str) -> None:
+        self.seen.pop(session_id, None)
+
+    def snapshot(self) -> dict[str, bytes]:
+        time.sleep(self.seconds)
+        return {"seen": json.dumps(self.seen).encode()}
+
+    def restore(self, blobs: dict[str, bytes]) -> None:
+        self.seen = json.loads(blobs.get("seen", b"{}"))
 
 
 class Upper:
