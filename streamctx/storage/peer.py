@@ -54,6 +54,12 @@ class StateStore:
     def stats(self) -> dict[str, int]:
         return {"capacity": self.capacity, "used": self._used, "items": len(self._items)}
 
+    def node_id(self) -> str:
+        """The Ray node this store runs on (hex)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 def spawn_state_stores(n: int, capacity: int, *, options: Sequence[dict[str, Any]] | None = None) -> list[Any]:
     """Start `n` state-store actors of `capacity` bytes each (Ray must be initialised).
