@@ -13,6 +13,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -101,11 +102,12 @@ def _dead_key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 def checkpoint_store(spec: JobSpec) -> CheckpointStore:
     """The job's checkpoint store: `checkpoint.filesystem` (Python only) with `checkpoint.path`, a
-    filesystem URI, or a folder inside the spec's folder (default `checkpoints/<job name>`)."""
+    filesystem URI, an absolute folder, or a folder inside the spec's folder (default
+    `checkpoints/<job name>`; a relative path may not leave the spec's folder)."""
     c = spec.checkpoint
     path = c.path or f"checkpoints/{spec.name}"
-    if c.filesystem is not None or "://" in path:
-        return CheckpointStore(path, c.filesystem)
+    if c.filesystem is not None or "://" in path or Path(path).is_absolute():
+        return CheckpointStore(path, c.filesystem)  # an explicit root: nothing is written outside it
     return CheckpointStore(str(spec.resolve_output(path)))
 
 
