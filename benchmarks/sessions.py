@@ -8,20 +8,25 @@ Cells (each in its own process, peak RSS per cell):
   and with plain LRU and no prefetch. A turn is `get -> compute -> admit`; compute is a fixed
   torch op on the state (`light`: one elementwise update of K and V) or that plus a fixed matmul
   load standing in for a model turn (`model_like`, ~15-25 ms on one core).
+  `*_cluster`: the same with the two peer stores on the two other nodes of a three-node
+  `ray.cluster_utils.Cluster` (head = the driver's node).
+- engine: real sessions of `streamctx.Engine` (a tiny random Llama, and a smaller run on SmolLM2)
+  with interleaved turns (feed a user message, generate greedily), all live in the engine
+  (unbounded) vs under `TieredSessions` (one live session, the rest spilled through device, host,
+  peer and disk budgets with total state >= 10x device + host); the generated tokens of the two
+  runs are compared.
 - bandwidth: spill (put) and restore (get) bytes/s of each tier vs its raw medium moving the same
   bytes: host vs a tensor memcpy, disk vs a plain file write / read, peer vs a raw `ray.put` /
-  `ray.get` (plus one copy to own the bytes, as a restore must).
-
-Hooks that need the engine (not measured here): `TURNS["engine"]` is where real turns of
-`streamctx.engine.Engine` with a tiny model plug in (get the session's StateBlob, run the turn,
-admit the new state), and the multi-node variant runs `throughput` with the peer stores placed on
-`ray.cluster_utils.Cluster` nodes through `spawn_state_stores(options=...)`.
+  `ray.get` (plus one copy to own the bytes, as a restore must); `peer_cluster`: stores on other
+  nodes, spill awaited until the store owns the bytes, vs a raw Ray object transfer to a peer node.
 
 Run: flock /tmp/streamctx-bench.lock python benchmarks/sessions.py [--cap 900] [--only bw]
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import sys
@@ -81,6 +86,60 @@ def _model_like_turn(blob):
 
 
 TURNS: dict[str, Callable[[Any], Any]] = {"light": _light_turn, "model_like": _model_like_turn}
+PEER_NODES = ("peer_a", "peer_b")
+
+
+def _start_ray(cluster: bool) -> Any:
+    """A local Ray (one node), or a three-node `ray.cluster_utils.Cluster`: the head (the driver's
+    node, 1 CPU) and two peer nodes (1 CPU each, custom resources `peer_a`, `peer_b`). Returns the
+    Cluster or None."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}}
+    if not cluster:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+        return None
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for name in PEER_NODES:
+        c.add_node(num_cpus=1, resources={name: 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False, runtime_env=env)
+    return c
+
+
+def _stop_ray(cluster: Any) -> None:
+    import ray
+
+    ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+
+
+def _peer_stores(cluster: Any, capacity: int) -> list[Any]:
+    from streamctx.storage.peer import spawn_state_stores
+
+    if cluster is None:
+        return spawn_state_stores(2, capacity)
+    return spawn_state_stores(2, capacity, options=[{"resources": {n: 1}} for n in PEER_NODES])
+
+
+class RawPeer:
+    """The raw medium for the peer tier: a plain actor on a peer node pulling / serving arrays."""
+
+    def pull(self, wrapped: list[Any]) -> int:
+        import ray
+
+        arr = ray.get(wrapped[0])  # the transfer into this node's object store
+        return int(arr[:: 1 << 16].sum())
+
+    def serve(self, nbytes: list[int]) -> list[Any]:
+        import numpy as np
+        import ray
+
+        return [ray.put(np.full(n, 7, dtype=np.uint8)) for n in nbytes]  # owned here, on this node
 
 
 def _workload(n_sessions: int, turns_per_session: int, seed: int) -> tuple[list[int], list[str]]:
@@ -92,8 +151,11 @@ def _workload(n_sessions: int, turns_per_session: int, seed: int) -> tuple[list[
 
 
 def throughput(mode: str, turn: str, n_sessions: int = 200, turns_per_session: int = 4,
-               device_fraction: float = 0.1, lookahead: int = 32, seed: int = 0) -> dict[str, Any]:
-    """Turns per second of an interleaved multi-session run, unbounded or scheduler-managed."""
+               device_fraction: float = 0.1, lookahead: int = 32, seed: int = 0,
+               cluster: bool = False) -> dict[str, Any]:
+    """Turns per second of an interleaved multi-session run, unbounded or scheduler-managed.
+
+    cluster: the peer stores run on two other nodes of a three-node `ray.cluster_utils.Cluster`."""
     harness.set_threads(1)
     tokens, order = _workload(n_sessions, turns_per_session, seed)
     turn_fn = TURNS[turn]
@@ -109,23 +171,19 @@ def throughput(mode: str, turn: str, n_sessions: int = 200, turns_per_session: i
         row.update(turns_per_s=len(order) / wall, wall_s=wall)
         return row
 
-    import ray
-
     from streamctx.schedulers.memory_budget import MemoryBudgetScheduler
     from streamctx.schedulers.placement import LRU, Lookahead
     from streamctx.storage import DiskTier, MemoryTier
-    from streamctx.storage.peer import PeerTier, spawn_state_stores
+    from streamctx.storage.peer import PeerTier
 
     device = int(total * device_fraction)
     host = device
     peer_each = device
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
+    ray_cluster = _start_ray(cluster)
     spill_root = tempfile.mkdtemp(prefix="streamctx-bench-")
     disk = DiskTier(spill_root)
-    tiers = [MemoryTier("device", "cpu", device), MemoryTier("host", "cpu", host),
-             PeerTier(spawn_state_stores(2, peer_each)), disk]
+    peer = PeerTier(_peer_stores(ray_cluster, peer_each))
+    tiers = [MemoryTier("device", "cpu", device), MemoryTier("host", "cpu", host), peer, disk]
     prefetch = mode == "lookahead"
     sched = MemoryBudgetScheduler(tiers, Lookahead(LRU()) if prefetch else LRU())
     try:
@@ -148,10 +206,11 @@ def throughput(mode: str, turn: str, n_sessions: int = 200, turns_per_session: i
         wall = time.perf_counter() - t0
         sched.stop_prefetcher()
         st = sched.stats()
+        row["peer_items_per_store"] = [x["items"] for x in peer.store_stats()]
     finally:
         sched.close()
         disk.close()
-        ray.shutdown()
+        _stop_ray(ray_cluster)
     row.update(
         turns_per_s=len(order) / wall, wall_s=wall,
         device_budget_mb=device / 2**20, host_budget_mb=host / 2**20, peer_budget_mb=2 * peer_each / 2**20,
@@ -162,8 +221,93 @@ def throughput(mode: str, turn: str, n_sessions: int = 200, turns_per_session: i
         tiers_at_end={k: v["sessions"] for k, v in st["tiers"].items()},
         moves={k: {"count": v["count"], "mb": v["bytes"] / 2**20,
                    "mb_per_s": (v["bandwidth_Bps"] or 0) / 2**20} for k, v in st["moves"].items()},
-        setup_spills=setup["spills"],
+        setup_spills=setup["spills"], load_1m=os.getloadavg()[0],
     )
+    return row
+
+
+def engine_sessions(model: str, mode: str, n_sessions: int, turns_per_session: int, feed_tokens: int,
+                    gen_tokens: int, device_fraction: float = 0.1, lookahead: int = 8,
+                    seed: int = 0) -> dict[str, Any]:
+    """Interleaved turns of real Engine sessions: all live (`unbounded`) or under TieredSessions."""
+    harness.set_threads(1 if model == "tiny" else 2)
+    from streamctx import Engine
+
+    if model == "tiny":
+        from tests.fixtures.tiny_models import make_tiny_llama
+
+        folder = make_tiny_llama(Path(tempfile.mkdtemp(prefix="streamctx-sess-")) / "tiny", hidden=64, heads=4,
+                                 kv_heads=2, head_dim=16, layers=4, vocab_size=512, seed=0)
+        engine = Engine.load(folder, block_size=16)
+    else:
+        engine = Engine.load(model, block_size=64)
+    vocab = min(engine.config.vocab_size, 512)
+    rng = random.Random(seed)
+    order = [f"s{i}" for i in range(n_sessions) for _ in range(turns_per_session)]
+    rng.shuffle(order)
+    work = [(sid, [rng.randrange(3, vocab) for _ in range(feed_tokens)]) for sid in order]
+    row: dict[str, Any] = {"sessions": n_sessions, "turns": len(work)}
+    tokens: list[list[int]] = []
+
+    def turn(s, ids):
+        s.feed(ids)
+        tokens.append(s.generate(gen_tokens).token_ids)
+
+    if mode == "unbounded":
+        t0 = time.perf_counter()
+        for sid, ids in work:
+            turn(engine.session(sid), ids)
+        wall = time.perf_counter() - t0
+        total = sum(len(s.save()) for s in engine.sessions.values())
+        row.update(turns_per_s=len(work) / wall, wall_s=wall, total_state_mb=total / 2**20)
+    else:
+        from streamctx.schedulers.memory_budget import MemoryBudgetScheduler
+        from streamctx.schedulers.placement import LRU, Lookahead
+        from streamctx.storage import DiskTier, MemoryTier
+        from streamctx.storage.peer import PeerTier
+        from streamctx.tiering import TieredSessions
+
+        # Budgets from the final state size (the state grows by the same tokens every turn).
+        per_session = (feed_tokens + gen_tokens) * turns_per_session
+        probe = engine.session("__probe")
+        probe.feed([5] * per_session)
+        final = len(probe.save()) * n_sessions
+        probe.close()
+        device = max(int(final * device_fraction), 2 * final // n_sessions)
+        host = device
+        ray_cluster = _start_ray(mode == "tiered_cluster")
+        disk = DiskTier(tempfile.mkdtemp(prefix="streamctx-bench-"))
+        peer = PeerTier(_peer_stores(ray_cluster, 2 * device))
+        sched = MemoryBudgetScheduler([MemoryTier("device", "cpu", device), MemoryTier("host", "cpu", host),
+                                       peer, disk], Lookahead(LRU()))
+        tiered = TieredSessions(engine, sched, max_live=1)
+        max_live = 0
+        try:
+            sched.start_prefetcher()
+            t0 = time.perf_counter()
+            for i, (sid, ids) in enumerate(work):
+                tiered.hint_upcoming([w[0] for w in work[i + 1:i + 1 + lookahead]])
+                turn(tiered.session(sid), ids)
+                max_live = max(max_live, sched.live_device_bytes())
+            wall = time.perf_counter() - t0
+            sched.stop_prefetcher()
+            tiered.release_all()
+            st = tiered.stats()
+        finally:
+            sched.close()
+            disk.close()
+            _stop_ray(ray_cluster)
+        total = sum(t["used"] for t in st["tiers"].values())
+        row.update(
+            turns_per_s=len(work) / wall, wall_s=wall, total_state_mb=total / 2**20,
+            device_budget_mb=device / 2**20, total_over_device=total / device,
+            total_over_device_host=total / (device + host), max_live_device_mb=max_live / 2**20,
+            budget_held=max_live <= device, hit_rate=st["hit_rate"], prefetches=st["prefetches"],
+            stall_s=st["stall_s"], save_s=st["save_s"], restore_s=st["restore_s"], spills=st["spills"],
+            restores=st["restores"], tiers_at_end={k: v["sessions"] for k, v in st["tiers"].items()},
+        )
+    digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
+    row.update(tokens_sha=digest, load_1m=os.getloadavg()[0])
     return row
 
 
@@ -266,6 +410,38 @@ def bandwidth(tier: str, n_states: int = 24, tokens: int = 128) -> dict[str, Any
                 np.array(ray.get(r), copy=True)
 
         cleanup = ray.shutdown
+    elif tier == "peer_cluster":
+        # Stores on the two peer nodes of a three-node Cluster. A spill is done when the store on
+        # the other node owns the bytes (its answer is awaited). The raw medium is a plain Ray
+        # object transfer: the driver puts an array and an actor on a peer node gets it; restore
+        # raw: the driver gets (and owns a copy of) an array created on a peer node.
+        import ray
+
+        from streamctx.storage.peer import PeerTier
+
+        ray_cluster = _start_ray(True)
+        store = PeerTier(_peer_stores(ray_cluster, 2 * nbytes))
+        put_only, restore = roundtrip(store, blobs)
+
+        def spill():
+            put_only()
+            store.store_stats()  # waits for every store's confirmation
+
+        sizes = [b.nbytes() for b in blobs]
+        arrays = [np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8) for i, n in enumerate(sizes)]
+        raw_cls = ray.remote(num_cpus=0)(RawPeer)
+        sinks = [raw_cls.options(resources={n: 1}).remote() for n in PEER_NODES]
+        served = ray.get(sinks[0].serve.remote(sizes))
+
+        def raw_spill():
+            ray.get([sinks[i % 2].pull.remote([ray.put(a)]) for i, a in enumerate(arrays)])
+
+        def raw_restore():
+            for r in served:
+                np.array(ray.get(r), copy=True)
+
+        def cleanup():
+            _stop_ray(ray_cluster)
     else:
         raise ValueError(f"unknown tier {tier!r}")
 
@@ -281,6 +457,7 @@ def bandwidth(tier: str, n_states: int = 24, tokens: int = 128) -> dict[str, Any
         cleanup()
     row["spill_vs_raw"] = row["spill_mb_s"] / row["raw_spill_mb_s"]
     row["restore_vs_raw"] = row["restore_mb_s"] / row["raw_restore_mb_s"]
+    row["load_1m"] = os.getloadavg()[0]
     return row
 
 
@@ -290,23 +467,41 @@ CELLS = [
     Cell(f"bw_{tier}_{tokens}tok", bandwidth, {"tier": tier, "tokens": tokens, "n_states": n},
          group="bandwidth", timeout_s=300)
     for tokens, n in [(128, 24), (1024, 6)]
-    for tier in ["host", "disk", "peer"]
+    for tier in ["host", "disk", "peer", "peer_cluster"]
 ] + [
     Cell(f"tput_{turn}_{mode}", throughput, {"mode": mode, "turn": turn}, group=f"throughput_{turn}",
          timeout_s=900)
     for turn, mode in [("model_like", "unbounded"), ("model_like", "lookahead"), ("light", "unbounded"),
                        ("light", "lookahead"), ("model_like", "lru"), ("light", "lru")]
+] + [
+    # The same run with the peer stores on two other nodes of a three-node Cluster.
+    Cell(f"tput_{turn}_{mode}_cluster", throughput, {"mode": mode, "turn": turn, "cluster": True},
+         group=f"throughput_{turn}", timeout_s=900)
+    for turn, mode in [("model_like", "lookahead")]
+] + [
+    Cell(f"engine_{model}_{mode}", engine_sessions,
+         {"model": model, "mode": mode, **size}, group=f"engine_{model}", timeout_s=900)
+    for model, size in [("tiny", {"n_sessions": 200, "turns_per_session": 3, "feed_tokens": 48, "gen_tokens": 8}),
+                        ("smollm2", {"n_sessions": 16, "turns_per_session": 3, "feed_tokens": 96, "gen_tokens": 8})]
+    for mode in ("unbounded", "tiered", "tiered_cluster")
 ]
 
-COLUMNS = ["cell", "status", "turns_per_s", "vs_unbounded", "hit_rate", "stall_s", "spills", "restores",
+COLUMNS = ["cell", "status", "turns_per_s", "vs_unbounded", "same_tokens", "hit_rate", "stall_s", "spills", "restores",
            "total_over_device", "max_live_device_mb", "device_budget_mb", "budget_held",
            "spill_mb_s", "raw_spill_mb_s", "spill_vs_raw", "restore_mb_s", "raw_restore_mb_s",
-           "restore_vs_raw", "bit_exact", "peak_rss_mib"]
+           "restore_vs_raw", "bit_exact", "load_1m", "peak_rss_mib"]
 
 
 def _postprocess(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    engine_base = {r["model"]: r for r in rows
+                   if r.get("group", "").startswith("engine_") and r.get("mode") == "unbounded" and r.get("status") == "ok"}
+    for r in rows:
+        ref = engine_base.get(r.get("model"))
+        if r.get("group", "").startswith("engine_") and r.get("mode") != "unbounded" and ref and r.get("status") == "ok":
+            r["vs_unbounded"] = r["turns_per_s"] / ref["turns_per_s"]
+            r["same_tokens"] = r["tokens_sha"] == ref["tokens_sha"]
     base = {r["turn"]: r["turns_per_s"] for r in rows
-            if r.get("mode") == "unbounded" and r.get("status") == "ok"}
+            if r.get("mode") == "unbounded" and r.get("status") == "ok" and "turn" in r}
     for r in rows:
         if r.get("mode") in ("lookahead", "lru") and r.get("status") == "ok" and r["turn"] in base:
             r["vs_unbounded"] = r["turns_per_s"] / base[r["turn"]]

@@ -17,6 +17,7 @@ trip); stores also enforce their capacity.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, Sequence
 
 from streamctx.state import StateBlob
@@ -96,6 +97,8 @@ class PeerTier:
         self._pending: dict[str, tuple[Any, Any]] = {}  # key -> (store's answer, driver's object)
         self._owned: dict[str, Any] = {}  # key -> the store-owned object (or the driver's, on failure)
         self._failed = 0
+        # Guards the bookkeeping: a background prefetcher reads while the engine thread spills.
+        self._lock = threading.RLock()
 
     def used(self) -> int:
         return sum(self._used_by)
@@ -107,6 +110,10 @@ class PeerTier:
         return max(c - u for c, u in zip(self._cap, self._used_by)) >= nbytes
 
     def put(self, key: str, blob: StateBlob) -> int:
+        with self._lock:
+            return self._put(key, blob)
+
+    def _put(self, key: str, blob: StateBlob) -> int:
         if key in self._where:
             raise StorageError(f"peer tier already holds session {key!r}")
         self._reap()
@@ -149,22 +156,25 @@ class PeerTier:
             self._confirm(key)
 
     def get(self, key: str) -> StateBlob:
-        if key not in self._where:
-            raise KeyError(f"peer tier does not hold session {key!r}")
-        if key in self._pending:
-            self._confirm(key)
+        with self._lock:
+            if key not in self._where:
+                raise KeyError(f"peer tier does not hold session {key!r}")
+            if key in self._pending:
+                self._confirm(key)
+            owned, header, idx = self._owned[key], self._headers[key], self._where[key][0]
         try:
-            parts = self._ray.get(self._owned[key])
+            parts = self._ray.get(owned)
         except Exception as exc:
-            raise StorageError(f"peer store {self._where[key][0]} could not return session {key!r}: {exc}") from exc
-        return unpack_parts(self._headers[key], parts)
+            raise StorageError(f"peer store {idx} could not return session {key!r}: {exc}") from exc
+        return unpack_parts(header, parts)
 
     def delete(self, key: str) -> None:
-        idx, n = self._where.pop(key)
-        self._used_by[idx] -= n
-        self._headers.pop(key)
-        self._pending.pop(key, None)
-        self._owned.pop(key, None)
+        with self._lock:
+            idx, n = self._where.pop(key)
+            self._used_by[idx] -= n
+            self._headers.pop(key)
+            self._pending.pop(key, None)
+            self._owned.pop(key, None)
         self.stores[idx].delete.remote(key)  # fire and forget; calls from one caller run in order
 
     def keys(self) -> Iterable[str]:
@@ -177,8 +187,9 @@ class PeerTier:
         return len(self._where)
 
     def store_stats(self) -> list[dict[str, int]]:
-        for key in list(self._pending):
-            self._confirm(key)
+        with self._lock:
+            for key in list(self._pending):
+                self._confirm(key)
         return self._ray.get([s.stats.remote() for s in self.stores])
 
     def failed_puts(self) -> int:
