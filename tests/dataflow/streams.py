@@ -38,3 +38,8 @@ def interleave(sessions: list[list[dict[str, Any]]], seed: int) -> list[dict[str
         out.append(queues[i][pos[i]])
         pos[i] += 1
     return out
+
+
+def multi_session_stream(n_sessions: int = 20, turns: int = 25, *, seed: int = 17) -> list[dict[str, Any]]:
+    """`n_sessions` x `turns` interleaved records (500 by default); every 5th turn generates 3 tokens."""
+    return interleave(conversations(n_sessions, turns, generate_every=5), seed=seed)

@@ -17,7 +17,7 @@ from streamctx.dataflow import run_job
 from streamctx.dataflow.checkpoint import CheckpointStore
 from streamctx.spec import JobSpec
 from tests.dataflow import faults, stages
-from tests.dataflow.streams import conversations, interleave
+from tests.dataflow.streams import multi_session_stream
 from tests.fixtures.tiny_models import make_tiny_llama
 
 SEGMENT, SLOW = 0, 3  # stage indexes: segment, history, model, slow_snapshot
@@ -32,15 +32,6 @@ def ray_stages(ray_local):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", hidden=32, layers=2, heads=2, kv_heads=1)
-
-
-def stream_500() -> list[dict[str, Any]]:
-    """20 sessions x 25 turns, interleaved; every 5th turn generates 3 tokens."""
-    convs = conversations(20, 25, generate_every=5)
-    for c in convs:
-        for r in c:
-            r["max_new_tokens"] = 3 if r.get("generate") else None
-    return interleave(convs, seed=17)
 
 
 def spec_for(tiny: Path, records: list[dict[str, Any]], base: Path, *, interval: int = 50) -> JobSpec:
@@ -58,7 +49,7 @@ def spec_for(tiny: Path, records: list[dict[str, Any]], base: Path, *, interval:
 
 
 def test_sigkilled_stage_actors_recover_with_exactly_once_output(ray_stages, tiny: Path, tmp_path: Path) -> None:
-    records = [{k: v for k, v in r.items() if v is not None} for r in stream_500()]
+    records = multi_session_stream()
     clean = run_job(spec_for(tiny, records, tmp_path / "clean"))
     assert clean.records_out == len(records) == 500 and clean.dead_letters == 0
     assert clean.metrics["checkpoints"]["completed"] >= 9
