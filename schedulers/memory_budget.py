@@ -137,6 +137,13 @@ class MemoryBudgetScheduler:
             self._wake.notify_all()
             return blob
 
+    def peek(self, session_id: str) -> StateBlob:
+        """The state wherever it is, without moving it or counting a hit (for checkpoints)."""
+        with self._lock:
+            while session_id in self._inflight:
+                self._wake.wait()
+            return self.tiers[self._require(session_id)].get(session_id)
+
     def unpin(self, session_id: str) -> None:
         with self._lock:
             self._pinned.discard(session_id)

@@ -123,9 +123,27 @@ class TieredSessions:
         for sid in list(self._live):
             self.release(sid)
 
+    def snapshot(self) -> dict[str, bytes]:
+        """Every session's exact state (`Session.save()` bytes), live or spilled; nothing moves."""
+        out = {sid: s.save() for sid, s in self._live.items() if not s.closed}
+        for sid in self.scheduler.sessions():
+            out[sid] = self.scheduler.peek(sid).to_bytes()
+        return out
+
+    def restore(self, states: dict[str, bytes]) -> None:
+        """Forget every session, then take `states` (from `snapshot`) as spilled sessions."""
+        for sid in [*self._live, *self.scheduler.sessions()]:
+            self.close(sid)
+        for sid, data in states.items():
+            self.scheduler.admit(sid, StateBlob.from_bytes(data))
+
     # ---- inspection ----------------------------------------------------------------------------
     def live(self) -> list[str]:
         return list(self._live)
+
+    def session_ids(self) -> list[str]:
+        """Every session held: live ones first, then spilled ones."""
+        return [*self._live, *(s for s in self.scheduler.sessions() if s not in self._live)]
 
     def working_bytes(self) -> int:
         """KV/state bytes the live sessions hold in the engine."""

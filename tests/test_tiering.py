@@ -159,3 +159,25 @@ def test_close_frees_every_copy_and_release_is_checked(folder: Path) -> None:
         tiered.release("x")
     with pytest.raises(ValueError, match="max_live"):
         TieredSessions(engine, sched, max_live=0)
+
+
+def test_snapshot_covers_live_and_spilled_sessions_and_restores(folder: Path, tmp_path: Path) -> None:
+    engine = Engine.load(folder, block_size=8)
+    disk = DiskTier(tmp_path)
+    sched = MemoryBudgetScheduler([MemoryTier("device", "cpu", 16 * 1024), disk])
+    tiered = TieredSessions(engine, sched, max_live=1)
+    try:
+        for i in range(5):
+            tiered.session(f"s{i}").feed(list(range(i + 3, i + 40)))
+        assert tiered.live() == ["s4"] and sched.tier_of("s0") == "disk"
+        snap = tiered.snapshot()
+        assert sorted(snap) == [f"s{i}" for i in range(5)]
+        before = {sid: tiered.session(sid).feed([7], return_logits=True).logits for sid in ("s0", "s4")}
+        tiered.restore(snap)
+        assert engine.sessions == {} and sorted(tiered.session_ids()) == sorted(snap)
+        after = {sid: tiered.session(sid).feed([7], return_logits=True).logits for sid in ("s0", "s4")}
+        for sid in before:
+            assert torch.equal(before[sid], after[sid])
+    finally:
+        sched.close()
+        disk.close()
