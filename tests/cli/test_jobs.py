@@ -89,3 +89,48 @@ def test_connect_sends_the_token_and_the_explicit_address_wins(monkeypatch: pyte
     assert seen == {"address": "http://head:8265", "headers": {"Authorization": "Bearer tok"}, "env": None}
     assert os.environ["RAY_ADDRESS"] == "http://elsewhere:8265"
     assert jobs.default_address() == "http://elsewhere:8265"
+
+
+# --- run --resume (local verbs, here because they share the job-lifecycle flags) -------------------
+
+
+def _checkpointed_job(folder: Path, *, enabled: bool = True) -> Path:
+    import json
+
+    import yaml
+
+    folder.mkdir(parents=True)
+    recs = [{"session_id": f"s{i % 3}", "turn": i // 3, "role": "user", "text": f"t{i}"} for i in range(30)]
+    (folder / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    spec = {"name": "cli-resume", "source": {"type": "jsonl", "path": "in.jsonl"}, "model": None,
+            "runner": {"type": "local", "batch_size": 4},
+            "stages": [{"name": "p", "cls": "tests.dataflow.stages:PassThrough"}],
+            "sink": {"type": "parquet", "path": "out", "rows_per_file": 5},
+            "checkpoint": {"enabled": enabled, "interval_records": 8}}
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "job.yaml"
+
+
+def test_run_resume_needs_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamctx.cli import main
+    from streamctx.cli.errors import EXIT_USAGE
+
+    job = _checkpointed_job(tmp_path / "j", enabled=False)
+    assert main(["run", str(job), "--resume"]) == EXIT_USAGE
+    assert "error: --resume needs checkpoints: set checkpoint.enabled: true" in capsys.readouterr().err
+
+
+def test_run_resume_of_a_finished_job_adds_no_rows(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from streamctx.cli import main
+
+    job = _checkpointed_job(tmp_path / "j")
+    assert main(["run", str(job)]) == EXIT_OK
+    parts = lambda: sorted((job.parent / "out").glob("part-*.parquet"))  # noqa: E731
+    first = [pq.read_table(p) for p in parts()]
+    assert sum(t.num_rows for t in first) == 30
+    assert (job.parent / "checkpoints" / "cli-resume").is_dir()
+    # The replay from the last checkpoint meets rows already committed: every one is skipped.
+    assert main(["run", str(job), "--resume"]) == EXIT_OK
+    assert [pq.read_table(p) for p in parts()] == first
