@@ -90,6 +90,35 @@ class BlockPool:
         self._used[layer] += n
         return [heapq.heappop(free) for _ in range(n)]
 
+    def allocate_run(self, layer: int, n: int, *, after: int | None = None) -> list[int]:
+        """n consecutive free block ids of `layer`: right after block `after` when those are free
+        (extending a run in place), else the lowest free run, else a run at the end of a grown pool."""
+        if n < 1:
+            return []
+        free = set(self._free[layer])
+        if after is not None and all(after + 1 + i in free for i in range(n)) and after + n < self.num_blocks(layer):
+            return self._take(layer, range(after + 1, after + 1 + n))
+        start = prev = -2
+        for b in sorted(free):  # the lowest run of n consecutive free ids
+            if b != prev + 1:
+                start = b
+            prev = b
+            if b - start + 1 == n:
+                return self._take(layer, range(start, b + 1))
+        total = self.num_blocks(layer)
+        tail = 0  # free ids at the very end join the run; the pool grows by the rest
+        while tail < total and total - 1 - tail in free:
+            tail += 1
+        self._grow(layer, total + n - tail)
+        return self._take(layer, range(total - tail, total - tail + n))
+
+    def _take(self, layer: int, ids: range) -> list[int]:
+        taken = set(ids)
+        self._free[layer] = [b for b in self._free[layer] if b not in taken]
+        heapq.heapify(self._free[layer])
+        self._used[layer] += len(taken)
+        return list(ids)
+
     def release(self, layer: int, blocks: list[int]) -> None:
         free = self._free[layer]
         for b in blocks:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from streamctx.kv.apply import apply_policy
+from streamctx.kv.batch import append_one_each
 from streamctx.kv.cache import SessionKV
 from streamctx.kv.pool import BlockPool
 from streamctx.model.config import LlamaConfig
@@ -162,6 +163,7 @@ class LlamaModel:
         c, dev = self.config, self.device
         layers = range(c.num_layers) if layers is None else layers
         batch = [(cache, None) for cache in caches]
+        caches = list(caches)
         hq, d = c.num_heads * c.head_dim, c.head_dim
         hqk = c.num_heads + c.num_kv_heads  # heads that RoPE rotates
         abs_pos = [torch.arange(cache.n_fed, cache.n_fed + n, device=dev) for (cache, _), n in zip(batch, lens)]
@@ -173,17 +175,52 @@ class LlamaModel:
                 rope_memo[start, n] = (cos, sin, torch.arange(start, start + n, device=dev))
             return rope_memo[start, n]
 
+        # Sessions decoding one token with no attention hooks form the decode group: their RoPE and
+        # cache writes are one call each per layer, their caches kept contiguous (zero-copy reads).
+        group = _decode_group(caches, lens) if len(caches) > 1 else []
+        in_group = set(group)
+        offsets = [0]
+        for n in lens:
+            offsets.append(offsets[-1] + n)
+        g_rows = torch.tensor([offsets[i] for i in group], dtype=torch.int64, device=dev)
+        g_caches = [caches[i] for i in group]
+        g_pos = torch.tensor([caches[i].n_fed for i in group], dtype=torch.int64, device=dev)
+        rope_prev: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
+            a: torch.Tensor | None = None
+            if group:
+                rope_at = [cc.layers[li].next_rope for cc in g_caches]
+                if rope_prev is None or rope_prev[0] != rope_at:  # layers usually share positions
+                    cos, sin = self.rope.cos_sin(torch.tensor(rope_at, dtype=torch.int64, device=dev))
+                    rope_prev = (rope_at, cos[:, None], sin[:, None])
+                part = qkv if len(group) == len(caches) else qkv.index_select(0, g_rows)  # [B, Hq + 2 Hkv, D]
+                qk = apply_rope(part[:, :hqk], rope_prev[1], rope_prev[2])  # [B, Hq + Hkv, D]
+                append_one_each(g_caches, li, qk[:, c.num_heads:], part[:, hqk:], g_pos, rope_at)
+                g_out = []
+                for j, cache in enumerate(g_caches):
+                    keys, values = cache.kv(li)
+                    res = attention(qk[j, None, :c.num_heads, None], keys[None], values[None], causal=True,
+                                    q_offset=cache.layers[li].length - 1, window=c.sliding_window,
+                                    scale=self.scale, return_key_mass=key_mass)
+                    if key_mass:
+                        cache.add_key_mass(li, _group_mass(res[1][0], c.num_kv_heads))
+                        res = res[0]
+                    g_out.append(res.reshape(hq))
+                a = torch.stack(g_out)  # [B, Hq D]
+                if len(group) < len(caches):
+                    a = torch.empty(x.shape[0], hq, dtype=x.dtype, device=dev).index_copy_(0, g_rows, a)
             outs = []
             off = 0
-            for (cache, _), n, pos in zip(batch, lens, abs_pos):
+            for i, ((cache, _), n, pos) in enumerate(zip(batch, lens, abs_pos)):
+                if i in in_group:
+                    off += n
+                    continue
                 cos, sin, rpos = rope_for(cache.layers[li].next_rope, n)
                 part = qkv[off:off + n].transpose(0, 1)  # [Hq + 2 Hkv, n, D]
                 qk = apply_rope(part[:hqk], cos, sin)  # [Hq + Hkv, n, D], one call for q and k
                 q, k, v = qk[:c.num_heads], qk[c.num_heads:], part[hqk:]
-                off += n
                 past = cache.layers[li].length
                 cache.append(li, k, v, pos, rpos)
                 keys, values = cache.kv(li)
@@ -201,8 +238,14 @@ class LlamaModel:
                     cache.add_key_mass(li, _group_mass(res[-1][0], c.num_kv_heads))
                 if extend:  # keys the policy holds outside the cache (pooled, retrieved, memory)
                     o = policy.extend(li, q, rpos, o[0], res[1][0], self.rerotate)[None]
-                outs.append(o[0].transpose(0, 1).reshape(n, hq))  # [n, Hq D]
-            a = outs[0] if len(outs) == 1 else torch.cat(outs)
+                o = o[0].transpose(0, 1).reshape(n, hq)  # [n, Hq D]
+                if a is not None:
+                    a[off:off + n] = o
+                else:
+                    outs.append(o)
+                off += n
+            if a is None:
+                a = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + F.linear(a, layer.w_o, layer.b_o)
             h = rms_norm(x, layer.ln_mlp, c.rms_norm_eps)
             gate = F.linear(h, layer.w_gate, layer.b_gate)  # [N, I]
@@ -261,6 +304,18 @@ class LlamaModel:
         state.n_fed = int(blob.meta["n_fed"])
         state.n_new = [int(n) for n in blob.meta["n_new"]]
         return state
+
+
+def _decode_group(caches: Sequence[SessionKV], lens: Sequence[int]) -> list[int]:
+    """Indices of the sessions that decode one token and whose policy has no attention hooks."""
+    out = []
+    for i, (cache, n) in enumerate(zip(caches, lens)):
+        policy = cache.policy
+        hooks = policy is not None and (getattr(policy, "observes_queries", False)
+                                        or getattr(policy, "extends_attention", False))
+        if n == 1 and not hooks:
+            out.append(i)
+    return out if len(out) > 1 else []
 
 
 def _group_mass(mass: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
