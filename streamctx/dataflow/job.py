@@ -1,10 +1,21 @@
 """`run_job`: drive a job's records from its source through the stage graph to its sink.
 
-The driver reads the source, validates records (bad ones go straight to the dead-letter sink),
-routes each batch by session key group and keeps at most `runner.max_in_flight` records between
-the source and the sink: when the bound is reached it waits for the oldest batch and writes it to
-the sink before reading more, so a slow sink slows the source and memory stays bounded. Outputs
-are delivered in submission order, which makes them identical on the local and Ray runners.
+The driver reads the source, validates records (bad ones travel with their batch to the
+dead-letter sink), routes each batch by session key group and keeps at most `runner.max_in_flight`
+records between the source and the sink: when the bound is reached it waits for the oldest batch
+and writes it to the sink before reading more, so a slow sink slows the source and memory stays
+bounded. Outputs are delivered in submission order, which makes them identical on the local and
+Ray runners.
+
+Checkpoints (`checkpoint.enabled`, Flink-style aligned barriers): every `interval_records` records
+the driver queues a barrier (a snapshot call on every stage replica, behind the batches already
+sent to it) into the same in-flight queue as the batches. When the barrier reaches the front, every
+record before it is delivered: the sinks commit, and the manifest (source offset, stream ordinal,
+sink positions, state files) completes the checkpoint. When a stage actor or node is lost, dead
+actors are replaced, every replica is restored from the last checkpoint, the source replays from its
+offset, and rows already written since that checkpoint are skipped by their (offset, session_id,
+turn) key while the replay lasts: exactly-once output. `resume=True` does the same for a driver
+that died, reading the rows its file sinks committed after the checkpoint.
 """
 
 from __future__ import annotations
