@@ -482,7 +482,7 @@ CELLS = [
     Cell(f"engine_{model}_{mode}", engine_sessions,
          {"model": model, "mode": mode, **size}, group=f"engine_{model}", timeout_s=900)
     for model, size in [("tiny", {"n_sessions": 200, "turns_per_session": 3, "feed_tokens": 48, "gen_tokens": 8}),
-                        ("smollm2", {"n_sessions": 16, "turns_per_session": 3, "feed_tokens": 96, "gen_tokens": 8})]
+                        ("smollm2", {"n_sessions": 24, "turns_per_session": 3, "feed_tokens": 96, "gen_tokens": 8})]
     for mode in ("unbounded", "tiered", "tiered_cluster")
 ]
 
