@@ -358,7 +358,8 @@ class _Driver:
         env: Envelope = self.ex.result(e.handle) if e.handle is not None else Envelope(None, e.dead)
         self.inflight.popleft()
         self.inflight_records -= e.records
-        self.latencies.append((time.perf_counter() - e.t_submit, e.records))
+        if e.records:
+            self.latencies.append((time.perf_counter() - e.t_submit, e.records))
         t = time.perf_counter()
         if env.batch is not None and env.batch.num_rows:
             out = self._skip_replayed(pa.Table.from_batches([public_view(env.batch)]), _out_key)

@@ -33,7 +33,32 @@ class Sink(Protocol):
 
 
 def _concat(parts: list[pa.Table]) -> pa.Table:
-    return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    if len(parts) == 1:
+        return parts[0]
+    try:
+        return pa.concat_tables(parts, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):  # e.g. an extra field that was an int, then a string
+        return pa.concat_tables(_text_for_conflicts(parts), promote_options="permissive")
+
+
+def _text_for_conflicts(parts: list[pa.Table]) -> list[pa.Table]:
+    """Columns whose types no promotion reconciles become text in every part (JSON for non-strings)."""
+    types: dict[str, set[pa.DataType]] = {}
+    for t in parts:
+        for f in t.schema:
+            types.setdefault(f.name, set()).add(f.type)
+    conflicts = {name for name, ts in types.items() if len(ts - {pa.null()}) > 1}
+    out = []
+    for t in parts:
+        for name in conflicts & set(t.column_names):
+            i = t.schema.get_field_index(name)
+            col = t.column(i)
+            if not pa.types.is_string(col.type):
+                col = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                                for v in col.to_pylist()], pa.string())
+            t = t.set_column(i, pa.field(name, pa.string()), col)
+        out.append(t)
+    return out
 
 
 def _as_table(batch: pa.RecordBatch | pa.Table) -> pa.Table:

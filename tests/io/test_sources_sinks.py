@@ -155,3 +155,25 @@ def test_committed_offset_only_moves_when_file_parts_are_committed(tmp_path: Pat
     # Commits after 12 and 23 rows (rows_per_file=10, batches of 4): the replay offset follows them.
     assert sorted({p.last_offset for p in progress}) == [0, offsets[12], offsets[23]]
     assert res.last_offset == offsets[23]
+
+
+def test_deeply_nested_json_line_is_an_error_record_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_bytes(b"[" * 100_000 + b"\n" + b'{"a": 1}\n')
+    recs = list(JsonlSource(tmp_path / "in.jsonl").records())
+    assert recs[0].error == "bad JSON: nested too deeply" and len(recs[0].raw) <= 1000
+    assert recs[1].value == {"a": 1}
+
+
+def test_a_field_whose_type_changes_between_batches_becomes_text(tmp_path: Path) -> None:
+    a = pa.table({"k": [1, 2], "score": [1, None]})
+    b = pa.table({"k": [3], "score": ["high"]})
+    c = pa.table({"k": [4], "score": [{"x": [1, 2]}]})
+    mem = MemorySink()
+    for t in (a, b, c):
+        mem.write(t)
+    assert mem.table().column("score").to_pylist() == ["1", None, "high", '{"x": [1, 2]}']
+    sink = FileSink(tmp_path / "out", "parquet")
+    for t in (a, b):
+        sink.write(t)
+    (part,) = sink.close()
+    assert pq.read_table(part).column("score").to_pylist() == ["1", None, "high"]
