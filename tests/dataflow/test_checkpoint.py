@@ -187,3 +187,23 @@ def test_pyarrow_filesystem_store_and_its_faults(tmp_path: Path, clean) -> None:
     assert res.metrics["checkpoints"]["completed"] >= 1
     check = exactly_once(clean[0], _read(tmp_path / "out"))
     assert check["lost"] == check["duplicated"] == check["different"] == 0
+
+
+def test_time_interval_barriers(tmp_path: Path) -> None:
+    import time
+
+    def slow():
+        for r in _records():
+            time.sleep(0.004)
+            yield r
+
+    spec = JobSpec.from_dict({
+        "name": "timed", "source": {"type": "iterator", "obj": slow()}, "model": None,
+        "runner": {"type": "local", "batch_size": 4}, "stages": [{"name": "history", "cls": HIST}],
+        "checkpoint": {"enabled": True, "interval_records": 10**9, "interval_s": 0.05},
+    }, base_dir=tmp_path)
+    res = run_job(spec)
+    assert res.records_out == 96
+    # ~0.4 s of source at a barrier per 0.05 s; never more than one per batch.
+    assert 3 <= res.metrics["checkpoints"]["completed"] <= 98 // 4
+    assert CheckpointStore(str(tmp_path / "checkpoints" / "timed")).latest() is not None
