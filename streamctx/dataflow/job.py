@@ -174,6 +174,7 @@ class _Driver:
         self.ckpt = spec.checkpoint
         self.store = checkpoint_store(spec) if self.ckpt.enabled else None
         self.recovery = _Recovery()
+        self.next_ckpt = 1
         if self.store is not None:
             self._start_checkpoints(resume)
 
@@ -189,7 +190,6 @@ class _Driver:
         if not resume:
             for cid in self.store.all_ids():  # a fresh run must never resume an older run's state
                 self.store.fs.rmtree(chk_dir(cid))
-            self.next_ckpt = 1
             return
         m = self.store.latest()
         self.next_ckpt = self.store.next_id()
@@ -197,7 +197,8 @@ class _Driver:
             plan = [(p.name, p.replicas) for p in self.plan]
             if m.plan != plan:
                 raise CheckpointError(f"checkpoint {m.ckpt_id} in {self.store.root} was written by a job with "
-                                      f"stages {m.plan}; this job has {plan}: resume needs the same stages and replicas")
+                                      f"stages {m.plan}; this job has {plan}: resume needs the same stages "
+                                      f"and replicas")
             self.ex.restore(self.store, m)
             self._rewind(m)
             rec.last = m
@@ -383,7 +384,8 @@ class _Driver:
 
     def _sample_depths(self) -> None:
         """Batches queued on each edge, sampled whenever the in-flight bound throttles the source."""
-        depths = self.ex.queue_depths([e.handle for e in self.inflight if isinstance(e, _Part) and e.handle is not None])
+        handles = [e.handle for e in self.inflight if isinstance(e, _Part) and e.handle is not None]
+        depths = self.ex.queue_depths(handles)
         self.depth_samples += 1
         for i, d in enumerate(depths):
             self.depth_max[i] = max(self.depth_max[i], d)
