@@ -1,14 +1,17 @@
 """The model stage: one `Engine` per replica and one engine `Session` per session id.
 
 For each record, in order: chat roles (user/assistant/system) are appended with the model's chat
-template, `document` text is fed as is; with `generate` the session replies (greedy). A record the
-engine rejects is dead-lettered alone; the batch goes on. Sessions are closed (KV blocks back to
+template, `document` text is fed as is. With `generate`, a chat record gets the assistant's reply
+(greedy, through the chat template) and a document record a plain continuation of its text. A batch's
+records are submitted to the engine together and run with continuous batching (`Engine.submit` /
+`step`): the sessions' prefill chunks and decode steps share forwards, each session's records
+still run in turn order, and the results are those of one-at-a-time runs. A record the engine
+rejects is dead-lettered alone; the batch goes on. Sessions are closed (KV blocks back to
 the pool) when the host ends them: `end` record, idle TTL, or end of stream.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Optional
 
 import pyarrow as pa
@@ -56,43 +59,61 @@ class ModelStage:
         self.default_max_new = int(model["max_new_tokens"])
 
     def process_dead(self, batch: pa.RecordBatch) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]]]:
+        """Run a batch's records through the engine together (continuous batching across its
+        sessions; each session's records in turn order) and return one output row per record, in
+        record order, plus dead-letter rows for the records the engine rejected."""
         cols = {n: batch.column(n).to_pylist() for n in
                 ("session_id", "turn", "role", "text", "generate", "max_new_tokens", "end", "_offset", "_seq", "_fresh")
                 if n in batch.schema.names}
         n = batch.num_rows
         fresh = cols.get("_fresh", [False] * n)
-        rows: dict[str, list[Any]] = {f.name: [] for f in OUTPUT_SCHEMA}
+        tickets: dict[Any, int] = {}  # ticket -> record index
+        done: dict[int, tuple[Any, dict[str, Any]]] = {}  # record index -> (ticket, stats when it finished)
         dead: list[dict[str, Any]] = []
         for i in range(n):
-            sid, turn = cols["session_id"][i], cols["turn"][i]
-            t0 = time.perf_counter()
-            s = self.engine.session(sid)
+            sid, role = cols["session_id"][i], cols["role"][i]
+            gen = bool(cols["generate"][i])
+            max_new = cols["max_new_tokens"][i] or self.default_max_new
             try:
-                if cols["role"][i] == "document":
-                    s.feed(cols["text"][i])
-                else:
-                    s.chat(cols["role"][i], cols["text"][i])
-                reply, n_reply = None, None
-                if cols["generate"][i]:
-                    max_new = cols["max_new_tokens"][i] or self.default_max_new
-                    g = s.chat_reply(max_new) if s.messages else s.generate(max_new)
-                    reply, n_reply = g.text, len(g.token_ids)
-            except Exception as exc:  # engine errors (and any other) dead-letter this record only
+                t = (self.engine.submit(sid, cols["text"][i], generate=gen, max_new_tokens=max_new)
+                     if role == "document" else
+                     self.engine.submit(sid, cols["text"][i], role=role, generate=gen, max_new_tokens=max_new))
+            except Exception as exc:  # rejected at submit (bad argument): this record only
                 dead.append(dead_row(cols["_offset"][i], f"model: {type(exc).__name__}: {exc}",
+                                     stage="model", session_id=sid, turn=cols["turn"][i]))
+                continue
+            tickets[t] = i
+        while not self.engine.idle:
+            for t in self.engine.step():
+                done[tickets[t]] = (t, self._session_stats(t.session_id))
+        rows: dict[str, list[Any]] = {f.name: [] for f in OUTPUT_SCHEMA}
+        for i in sorted(done):
+            t, stats = done[i]
+            sid, turn = cols["session_id"][i], cols["turn"][i]
+            if t.error is not None:  # engine errors (and any other) dead-letter this record only
+                dead.append(dead_row(cols["_offset"][i], f"model: {type(t.error).__name__}: {t.error}",
                                      stage="model", session_id=sid, turn=turn))
                 continue
-            cached = _cached_tokens(s)
-            for k, v in (("session_id", sid), ("turn", turn), ("reply", reply), ("reply_tokens", n_reply),
-                         ("n_context_tokens", s.n_tokens), ("cached_tokens", cached),
-                         ("latency_ms", (time.perf_counter() - t0) * 1e3), ("policy", self.policy_name),
-                         ("evicted_tokens", s.n_tokens - cached),
-                         ("state_bytes", self.engine.model.state_nbytes(s.state)),
+            g = t.generation
+            for k, v in (("session_id", sid), ("turn", turn), ("reply", None if g is None else g.text),
+                         ("reply_tokens", None if g is None else len(g.token_ids)),
+                         ("latency_ms", (t.finished_at - t.submitted_at) * 1e3), ("policy", self.policy_name),
+                         *stats.items(),
                          ("end", cols["end"][i]), ("_offset", cols["_offset"][i]), ("_seq", cols["_seq"][i]),
                          ("_fresh", fresh[i])):
                 rows[k].append(v)
         if not rows["session_id"]:
             return None, dead
         return pa.RecordBatch.from_pydict(rows, schema=OUTPUT_SCHEMA), dead
+
+    def _session_stats(self, session_id: str) -> dict[str, int]:
+        """The session's context numbers right after one of its requests finished."""
+        s = self.engine.sessions.get(session_id)
+        if s is None:  # closed by a failed request; its row is dead-lettered anyway
+            return {}
+        cached = _cached_tokens(s)
+        return {"n_context_tokens": s.n_tokens, "cached_tokens": cached, "evicted_tokens": s.n_tokens - cached,
+                "state_bytes": self.engine.model.state_nbytes(s.state)}
 
     def process(self, batch: pa.RecordBatch) -> Optional[pa.RecordBatch]:
         return self.process_dead(batch)[0]

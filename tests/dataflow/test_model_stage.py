@@ -49,7 +49,7 @@ def _reference(tiny: Path, records: list[dict[str, Any]]) -> dict[tuple[str, int
             s.chat(r["role"], r["text"])
         reply = None
         if r.get("generate"):
-            g = s.chat_reply(r["max_new_tokens"]) if s.messages else s.generate(r["max_new_tokens"])
+            g = s.generate(r["max_new_tokens"]) if r["role"] == "document" else s.chat_reply(r["max_new_tokens"])
             reply = g.text
         out[r["session_id"], r["turn"]] = {"reply": reply, "n_context_tokens": s.n_tokens}
     return out
@@ -111,3 +111,32 @@ def test_more_layer_stages_than_layers_is_refused_clearly(tiny: Path) -> None:
     })
     with pytest.raises(ValueError, match="model.stages: cannot split 2 layers into 3 stages"):
         run_job(spec)
+
+
+def test_a_batch_of_sessions_shares_model_steps(tiny: Path) -> None:
+    """One Arrow batch of 6 sessions runs as batched engine steps (several sessions per forward),
+    with each row equal to the session run alone."""
+    import pyarrow as pa
+
+    from streamctx.dataflow.model_stage import ModelStage
+
+    stage = ModelStage({"name": None, "path": str(tiny), "device": None, "dtype": None, "max_new_tokens": 3},
+                       {"type": "full"}, base_dir=".")
+    widths: list[int] = []
+    forward = stage.engine.model.forward
+
+    def counting(batch, **kw):  # type: ignore[no-untyped-def]
+        widths.append(len(batch))
+        return forward(batch, **kw)
+
+    stage.engine.model.forward = counting
+    records = [{"session_id": f"s{k}", "turn": 0, "role": "user", "text": f"hello number {k}", "generate": True,
+                "max_new_tokens": 3, "end": False, "_offset": k, "_seq": k, "_fresh": True} for k in range(6)]
+    out, dead = stage.process_dead(pa.RecordBatch.from_pylist(records))
+    assert dead == [] and out is not None
+    assert max(widths) == 6  # all six sessions' prefills (then decodes) in one forward
+    ref = _reference(tiny, [{**r} for r in records])
+    for row in out.to_pylist():
+        assert row["reply"] == ref[row["session_id"], 0]["reply"]
+        assert row["n_context_tokens"] == ref[row["session_id"], 0]["n_context_tokens"]
+    stage.close()
