@@ -252,7 +252,7 @@ def _cells() -> list[Cell]:
 
 CELLS = _cells()
 COLUMNS = ["cell", "status", "mean_window", "mean_kv_mib", "peak_kv_mib", "ppl_prose", "ppl_code", "ppl_logs",
-           "ppl_all", "vs_fixed_prose", "vs_fixed_code", "vs_fixed_logs", "window_prose", "window_code",
+           "ppl_all", "vs_fixed_prose", "vs_fixed_code", "vs_fixed_logs", "no_worse_on", "window_prose", "window_code",
            "window_logs", "tokens", "tok_s", "load_1m", "peak_rss_mib"]
 
 
@@ -265,6 +265,10 @@ def _postprocess(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for kind in ("prose", "code", "logs"):
             r[f"vs_fixed_{kind}"] = r[f"ppl_{kind}"] / ref[f"ppl_{kind}"]
+        if r.get("mode") == "adaptive":
+            # The rule: on by default only if no worse than fixed (ratio <= 1; perplexity
+            # is deterministic here, so no noise band) on at least two content types.
+            r["no_worse_on"] = ",".join(k for k in ("prose", "code", "logs") if r[f"vs_fixed_{k}"] <= 1.0) or "none"
     return rows
 
 
