@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROLES = ("user", "assistant", "system", "document")
+INT64_MAX = 2**63 - 1  # records travel as Arrow int64 columns
 Role = Literal["user", "assistant", "system", "document"]
 
 
@@ -40,11 +41,11 @@ class InputRecord(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     session_id: str = Field(min_length=1)
-    turn: int = Field(ge=0)
+    turn: int = Field(ge=0, le=INT64_MAX)
     role: Role
     text: str
     generate: bool = False
-    max_new_tokens: Optional[int] = Field(default=None, ge=1)
+    max_new_tokens: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)
     end: bool = False
 
 
