@@ -41,7 +41,7 @@ from streamctx.engine import Engine, EngineError, Session
 from streamctx.schedulers.memory_budget import MemoryBudgetScheduler
 from streamctx.state import StateBlob
 
-__all__ = ["TieredSessions"]
+__all__ = ["TieredSessions", "tiered_sessions"]
 
 
 class TieredSessions:
@@ -123,6 +123,14 @@ class TieredSessions:
         for sid in list(self._live):
             self.release(sid)
 
+    def close_tiers(self) -> None:
+        """Stop the prefetcher and remove what the tiers hold outside memory (the spill directory)."""
+        self.scheduler.close()
+        for tier in self.scheduler.tiers:
+            close = getattr(tier, "close", None)
+            if close is not None:
+                close()
+
     def snapshot(self) -> dict[str, bytes]:
         """Every session's exact state (`Session.save()` bytes), live or spilled; nothing moves."""
         out = {sid: s.save() for sid, s in self._live.items() if not s.closed}
@@ -195,3 +203,29 @@ class TieredSessions:
         self.scheduler.drop(session_id)
         self._restore_s += time.perf_counter() - t0
         return s
+
+
+def tiered_sessions(engine: Engine, device_budget: int, *, host_budget: int | None = None,
+                    peer_stores: Sequence[Any] = (), spill_dir: str | None = None, max_live: int = 1,
+                    background_prefetch: bool = False) -> TieredSessions:
+    """`TieredSessions` over the usual tiers: device (`device_budget` bytes), host (`host_budget`,
+    None: unbounded, then nothing goes further), peer (when `peer_stores`, state-store actors from
+    `spawn_state_stores`) and disk (a private spill directory under `spill_dir`, or the system temp
+    dir). Placement: lookahead over LRU. The caller closes `.scheduler` (and the disk tier, via
+    `.close_tiers()`) when done."""
+    from streamctx.schedulers.placement import LRU, Lookahead
+    from streamctx.storage import DiskTier, MemoryTier
+
+    tiers: list[Any] = [MemoryTier("device", engine.model.device, device_budget),
+                        MemoryTier("host", "cpu", host_budget, pin_memory=True)]
+    if host_budget is not None:
+        if peer_stores:
+            from streamctx.storage.peer import PeerTier
+
+            tiers.append(PeerTier(list(peer_stores)))
+        tiers.append(DiskTier(spill_dir))
+    sched = MemoryBudgetScheduler(tiers, Lookahead(LRU()))
+    if background_prefetch:
+        sched.start_prefetcher()
+    return TieredSessions(engine, sched, max_live=max_live)
+

@@ -181,3 +181,21 @@ def test_snapshot_covers_live_and_spilled_sessions_and_restores(folder: Path, tm
     finally:
         sched.close()
         disk.close()
+
+
+def test_tiered_sessions_factory_builds_the_usual_tiers(folder: Path, tmp_path: Path) -> None:
+    from streamctx.tiering import tiered_sessions
+
+    engine = Engine.load(folder, block_size=8)
+    tiered = tiered_sessions(engine, 16 * 1024, host_budget=16 * 1024, spill_dir=str(tmp_path), max_live=2)
+    try:
+        assert [t.name for t in tiered.scheduler.tiers] == ["device", "host", "disk"]
+        for i in range(8):
+            tiered.session(f"s{i}").feed(list(range(3, 40)))
+        tiered.release_all()
+        assert tiered.stats()["tiers"]["disk"]["sessions"] > 0
+        spill_dir = tiered.scheduler.tiers[-1].path
+        assert any(spill_dir.iterdir())
+    finally:
+        tiered.close_tiers()
+    assert not spill_dir.exists()
