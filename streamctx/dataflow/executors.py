@@ -144,7 +144,7 @@ class _StageActor:
 
 _POOL_MAX = 16
 _pool: dict[tuple[Any, ...], list[Any]] = {}
-_pool_owner: Optional[str] = None  # the Ray job whose actors are pooled
+_pool_owner: Optional[tuple[str, str]] = None  # (GCS address, job id) whose actors are pooled
 
 
 def _pool_key(num_cpus: float, resources: dict[str, float]) -> tuple[Any, ...]:
@@ -162,7 +162,9 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=True)
             self.started_ray = True
-        job = ray.get_runtime_context().get_job_id()
+        # Job ids restart at 01000000 in every new cluster: the GCS address tells sessions apart.
+        ctx = ray.get_runtime_context()
+        job = (ctx.gcs_address, ctx.get_job_id())
         if job != _pool_owner:  # a new Ray session: old handles are dead
             _pool.clear()
             _pool_owner = job
