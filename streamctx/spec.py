@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,8 +24,14 @@ INT64_MAX = 2**63 - 1  # records travel as Arrow int64 columns
 Role = Literal["user", "assistant", "system", "document"]
 
 
+# Upper bounds on counts and sizes: a typo like `replicas: 10000000` is an error naming the field,
+# not a cluster asked for ten million actors. Floats must be finite everywhere (`allow_inf_nan`).
+MAX_ACTORS = 1024
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False, strict=True)
 
 
 # --- input records -------------------------------------------------------------------------------
@@ -51,6 +57,8 @@ class InputRecord(BaseModel):
 
 # --- job sections --------------------------------------------------------------------------------
 
+Resource = Annotated[float, Field(ge=0, le=1 << 30)]  # a Ray resource amount
+
 SourceType = Literal["jsonl", "parquet", "arrow", "iterator", "queue"]
 SinkType = Literal["parquet", "jsonl", "memory", "callback"]
 
@@ -67,9 +75,9 @@ class SourceSpec(_Section):
     type: SourceType
     path: Optional[str] = None
     follow: bool = False
-    follow_idle_s: float = Field(default=2.0, gt=0)
-    poll_interval_s: float = Field(default=0.05, gt=0)
-    start_offset: int = Field(default=0, ge=0)
+    follow_idle_s: float = Field(default=2.0, gt=0, le=MAX_SECONDS)
+    poll_interval_s: float = Field(default=0.05, gt=0, le=3600)
+    start_offset: int = Field(default=0, ge=0, le=INT64_MAX)
     obj: Any = Field(default=None, exclude=True, repr=False)
 
     @model_validator(mode="after")
@@ -96,13 +104,13 @@ class ModelSpec(_Section):
     path: Optional[str] = None
     dtype: Optional[str] = None
     device: str = "auto"
-    stages: int = Field(default=1, ge=1)
-    replicas: Optional[int] = Field(default=None, ge=1)
-    max_new_tokens: int = Field(default=64, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)
-    replica_resources: list[dict[str, float]] = Field(default_factory=list)
-    stage_resources: list[dict[str, float]] = Field(default_factory=list)
+    stages: int = Field(default=1, ge=1, le=MAX_ACTORS)
+    replicas: Optional[int] = Field(default=None, ge=1, le=MAX_ACTORS)
+    max_new_tokens: int = Field(default=64, ge=1, le=1 << 20)
+    num_cpus: float = Field(default=1.0, ge=0, le=1 << 16)
+    resources: dict[str, Resource] = Field(default_factory=dict)
+    replica_resources: list[dict[str, Resource]] = Field(default_factory=list, max_length=MAX_ACTORS)
+    stage_resources: list[dict[str, Resource]] = Field(default_factory=list, max_length=MAX_ACTORS)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -139,11 +147,11 @@ class RunnerSpec(_Section):
 
     type: Literal["local", "ray"] = "ray"
     address: Optional[str] = None
-    replicas: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, le=MAX_ACTORS)
     key_groups: int = Field(default=128, ge=1, le=1 << 16)
-    batch_size: int = Field(default=64, ge=1)
-    max_in_flight: int = Field(default=1024, ge=1)
-    start_timeout_s: float = Field(default=300.0, gt=0)
+    batch_size: int = Field(default=64, ge=1, le=1 << 20)
+    max_in_flight: int = Field(default=1024, ge=1, le=1 << 30)
+    start_timeout_s: float = Field(default=300.0, gt=0, le=MAX_SECONDS)
 
 
 class SinkSpec(_Section):
@@ -152,7 +160,7 @@ class SinkSpec(_Section):
 
     type: SinkType = "memory"
     path: Optional[str] = None
-    rows_per_file: int = Field(default=10_000, ge=1)
+    rows_per_file: int = Field(default=10_000, ge=1, le=1 << 31)
     fn: Optional[Callable[..., Any]] = Field(default=None, exclude=True, repr=False)
     dead_letter_fn: Optional[Callable[..., Any]] = Field(default=None, exclude=True, repr=False)
 
@@ -169,8 +177,8 @@ class SessionsSpec(_Section):
     """Session lifecycle. A session idle for more than `idle_ttl_records` stream records (a logical
     clock: deterministic on every runner) or `idle_ttl_s` seconds (wall clock) is ended."""
 
-    idle_ttl_records: Optional[int] = Field(default=None, ge=1)
-    idle_ttl_s: Optional[float] = Field(default=None, gt=0)
+    idle_ttl_records: Optional[int] = Field(default=None, ge=1, le=INT64_MAX)
+    idle_ttl_s: Optional[float] = Field(default=None, gt=0, le=MAX_SECONDS)
 
 
 class StageSpec(_Section):
@@ -184,11 +192,11 @@ class StageSpec(_Section):
     name: str = Field(min_length=1)
     cls: Union[str, type]
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    replicas: Optional[int] = Field(default=None, ge=1)
+    replicas: Optional[int] = Field(default=None, ge=1, le=MAX_ACTORS)
     place: Literal["pre_model", "post_model"] = "pre_model"
-    num_cpus: float = Field(default=0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)
-    replica_resources: list[dict[str, float]] = Field(default_factory=list)
+    num_cpus: float = Field(default=0.0, ge=0, le=1 << 16)
+    resources: dict[str, Resource] = Field(default_factory=dict)
+    replica_resources: list[dict[str, Resource]] = Field(default_factory=list, max_length=MAX_ACTORS)
 
     @field_validator("cls")
     @classmethod
@@ -221,7 +229,7 @@ class CheckpointSpec(_Section):
 
 
 class JobSpec(_Section):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
     source: SourceSpec
     model: Optional[ModelSpec] = Field(default_factory=ModelSpec)
     policy: dict[str, Any] = Field(default_factory=lambda: {"type": "full"})
@@ -229,9 +237,17 @@ class JobSpec(_Section):
     runner: RunnerSpec = Field(default_factory=RunnerSpec)
     sink: SinkSpec = Field(default_factory=SinkSpec)
     sessions: SessionsSpec = Field(default_factory=SessionsSpec)
-    stages: list[StageSpec] = Field(default_factory=list)
+    stages: list[StageSpec] = Field(default_factory=list, max_length=256)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     base_dir: str = Field(default_factory=os.getcwd, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_plain(cls, v: str) -> str:
+        # The name becomes part of paths (default checkpoint folder) and Ray job names.
+        if v in (".", "..") or any(c in v for c in "/\\") or not v.isprintable() or not v.strip():
+            raise ValueError(f"name must be printable, not blank and free of path separators, got {v!r}")
+        return v
 
     @field_validator("policy")
     @classmethod
@@ -273,10 +289,16 @@ class JobSpec(_Section):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base_dir: str | os.PathLike[str] | None = None) -> "JobSpec":
+        """Validate a mapping. Schema errors raise pydantic's `ValidationError`; an output path that
+        escapes `base_dir` raises `SpecError` naming it (both are `ValueError`s)."""
         data = dict(data)
         if base_dir is not None:
             data["base_dir"] = str(Path(base_dir).resolve())
-        return cls.model_validate(data)
+        spec = cls.model_validate(data)
+        escapes = list(_output_path_errors(spec))
+        if escapes:
+            raise SpecError(escapes)
+        return spec
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "JobSpec":
@@ -343,10 +365,18 @@ def _load_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+def _loc_part(x: Any) -> str:
+    """One step of a field path: names as they are, except ones a dotted path would hide
+    (empty, or holding a dot or a space), which are quoted."""
+    if isinstance(x, str) and (not x or "." in x or not x.isprintable() or x != x.strip()):
+        return repr(x)
+    return str(x)
+
+
 def _field_errors(exc: ValidationError) -> list[FieldError]:
     out = []
     for e in exc.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+        loc = ".".join(_loc_part(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -356,6 +386,22 @@ def _field_errors(exc: ValidationError) -> list[FieldError]:
     return out
 
 
+def _output_path_errors(spec: JobSpec) -> Iterable[FieldError]:
+    """Output paths that would write outside the spec's folder: the file sink's folder, and a
+    relative checkpoint folder (a URI or an absolute folder is an explicit root of its own)."""
+    if spec.sink.path and spec.sink.type in ("parquet", "jsonl"):
+        try:
+            spec.resolve_output(spec.sink.path)
+        except ValueError as exc:
+            yield FieldError("sink.path", str(exc))
+    ckpt = spec.checkpoint.path
+    if ckpt and "://" not in ckpt and not Path(ckpt).is_absolute():
+        try:
+            spec.resolve_output(ckpt)
+        except ValueError as exc:
+            yield FieldError("checkpoint.path", str(exc))
+
+
 def _semantic_errors(spec: JobSpec) -> Iterable[FieldError]:
     """Checks that need the file system or imports (beyond the schema)."""
     src = spec.source
@@ -363,11 +409,7 @@ def _semantic_errors(spec: JobSpec) -> Iterable[FieldError]:
         p = spec.resolve_input(src.path)
         if not p.exists() and not src.follow:
             yield FieldError("source.path", f"file not found: {src.path}")
-    if spec.sink.path and spec.sink.type in ("parquet", "jsonl"):
-        try:
-            spec.resolve_output(spec.sink.path)
-        except ValueError as exc:
-            yield FieldError("sink.path", str(exc))
+    yield from _output_path_errors(spec)
     if spec.model is not None and spec.model.path:
         if not spec.resolve_input(spec.model.path).exists():
             yield FieldError("model.path", f"not found: {spec.model.path}")
@@ -409,7 +451,7 @@ def validate(path: str | os.PathLike[str] | dict[str, Any], *, base_dir: str | N
     else:
         data, base = path, base_dir or os.getcwd()
     try:
-        spec = JobSpec.from_dict(data, base_dir=base)
+        spec = JobSpec.model_validate({**data, "base_dir": str(Path(base).resolve())})
     except ValidationError as exc:
         errors = _field_errors(exc)
         # Still report file-system problems of the sections that did parse.
