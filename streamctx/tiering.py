@@ -161,6 +161,7 @@ class TieredSessions:
         """The scheduler's stats (bytes per tier, spills, restores, hit rate, stall) plus the
         engine side: live sessions, their working bytes, save/restore seconds."""
         st = self.scheduler.stats()
+        st["drops"] -= self._counts["checkouts"]  # a checkout leaves the scheduler too; count ended sessions only
         gets = st["hits"] + st["misses"]
         st.update(
             live_sessions=len(self._live), working_bytes=self.working_bytes(),

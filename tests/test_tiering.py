@@ -153,8 +153,11 @@ def test_close_frees_every_copy_and_release_is_checked(folder: Path) -> None:
     with tiered.use("x") as s:
         s.feed([1, 2, 3])
     assert tiered.live() == [] and sched.tier_of("x") == "device"
+    with tiered.use("x") as s:  # a checkout from the device tier
+        s.feed([4])
     tiered.close("x")
     assert sched.sessions() == [] and engine.sessions == {}
+    assert tiered.stats()["drops"] == 1 and tiered.stats()["closes"] == 1
     with pytest.raises(KeyError, match="not live"):
         tiered.release("x")
     with pytest.raises(ValueError, match="max_live"):
