@@ -16,6 +16,9 @@ at a time) through segment -> model (tiny random Llama, 2 replicas each) with ch
 
     python benchmarks/soak.py --only smoke      # 2 minutes
     python benchmarks/soak.py --only soak-30    # 30 minutes (the issue's soak)
+
+Stage actors import streamctx from the working tree when they (re)start: run it from a snapshot of
+the code (e.g. `git archive HEAD`) when the tree is being edited, or a mid-edit file breaks the run.
 """
 
 from __future__ import annotations
@@ -97,6 +100,28 @@ def _slope(points: list[tuple[float, float]]) -> float:
     return 60.0 * sum((t - mx) * (v - my) for t, v in points) / var if var else 0.0
 
 
+def _reference_check(engine: Any, stream: Stream, n: int, sampled: dict[tuple[str, int], tuple[Any, int]],
+                     every: int) -> tuple[int, int]:
+    """(rows checked, rows different): the sampled sessions' replies and context lengths against
+    `engine` fed each session's turns in order."""
+    by_session: dict[str, list[dict[str, Any]]] = {}
+    for i in range(n):
+        r = stream.record(i)
+        if int(r["session_id"].split("-")[0][1:]) % every == 0:
+            by_session.setdefault(r["session_id"], []).append(r)
+    checked = different = 0
+    for sid, recs in by_session.items():
+        s = engine.session(sid)
+        for r in recs:
+            s.chat(r["role"], r["text"])
+            reply = s.chat_reply(r["max_new_tokens"]).text if r.get("generate") else None
+            checked += 1
+            if sampled.get((sid, r["turn"])) != (reply, s.n_tokens):
+                different += 1
+        s.close()
+    return checked, different
+
+
 def soak(minutes: float, kill_every_s: float, concurrent: int = 48, turns: int = 24, interval: int = 400,
          sample_every_s: float = 15.0, seed: int = 1, sample_sessions_every: int = 25) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -157,29 +182,26 @@ def soak(minutes: float, kill_every_s: float, concurrent: int = 48, turns: int =
         "sink": {"type": "callback", "fn": sink},
         "checkpoint": {"enabled": True, "interval_records": interval, "path": str(work / "ckpt"), "keep": 2},
     }, base_dir=work)
-    res = run_job(spec, on_progress=on_progress, on_start=lambda ex: state.update(ex=ex))
-    ray.shutdown()
+    try:
+        res = run_job(spec, on_progress=on_progress, on_start=lambda ex: state.update(ex=ex))
+    except Exception as exc:  # keep what was measured: the samples say how far it got
+        return {"minutes": round((time.monotonic() - t_start) / 60, 1), "records_in": stream.produced,
+                "faults_injected": len(kills), "run_error": f"{type(exc).__name__}: {exc}"[:1000],
+                "kills": kills, "rss_samples": samples}
+    finally:
+        ray.shutdown()
 
     n = stream.produced
     lost = sum(1 for c in counts[:n] if c == 0) + max(0, n - len(counts))
     dup = sum(c - 1 for c in counts[:n] if c > 1)
     # Sampled sessions against an in-process engine fed the same turns in order.
-    engine = Engine.load(str(tiny))
     different = checked = 0
-    by_session: dict[str, list[dict[str, Any]]] = {}
-    for i in range(n):
-        r = stream.record(i)
-        if int(r["session_id"].split("-")[0][1:]) % sample_sessions_every == 0:
-            by_session.setdefault(r["session_id"], []).append(r)
-    for sid, recs in by_session.items():
-        s = engine.session(sid)
-        for r in recs:
-            s.chat(r["role"], r["text"])
-            reply = s.chat_reply(r["max_new_tokens"]).text if r.get("generate") else None
-            checked += 1
-            if sampled.get((sid, r["turn"])) != (reply, s.n_tokens):
-                different += 1
-        s.close()
+    reference_error = None
+    try:
+        checked, different = _reference_check(Engine.load(str(tiny)), stream, n, sampled, sample_sessions_every)
+    except Exception as exc:  # reported, never hidden: the row says the check did not run
+        reference_error = f"{type(exc).__name__}: {exc}"[:1000]
+
 
     half = [(s["t_s"], s["actors_mb"]) for s in samples if s["t_s"] >= minutes * 30]
     half_d = [(s["t_s"], s["driver_mb"]) for s in samples if s["t_s"] >= minutes * 30]
@@ -191,6 +213,7 @@ def soak(minutes: float, kill_every_s: float, concurrent: int = 48, turns: int =
         "faults_injected": len(kills), "recoveries": ck["recoveries"], "actors_replaced": ck["replaced_actors"],
         "checkpoints": ck["completed"], "replayed_rows_skipped": ck["replayed_rows_skipped"],
         "lost": lost, "duplicated": dup, "sampled_rows_checked": checked, "sampled_rows_different": different,
+        "reference_error": reference_error,
         "dead_letters": res.dead_letters, "live_sessions_after": res.sessions.live,
         "sessions_ended": res.sessions.ended,
         "actors_mb_q2": round(sum(s["actors_mb"] for s in samples[q:2 * q]) / q, 1) if len(samples) >= 4 else None,
