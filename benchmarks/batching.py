@@ -150,10 +150,10 @@ def mixed(context: int, decoders: int, arrivals: int, every: int) -> dict[str, A
     while len(new) < arrivals or any(not t.done for t in new):
         if len(new) < arrivals and k % every == 0:
             new.append(engine.submit(f"a{len(new)}", prompt, generate=True, max_new_tokens=8))
+        prefilling = any(t.first_token_at is None for t in new)  # an arrival's prompt joins this step
         a = time.perf_counter()
         engine.step()
-        dt = time.perf_counter() - a
-        (mixed_steps if any(t.first_token_at is None for t in new) else steps).append(dt)
+        (mixed_steps if prefilling else steps).append(time.perf_counter() - a)
         k += 1
     ttfts = [t.ttft for t in new]
     return {"impl": "streamctx", "context": context, "sessions": decoders, "arrivals": arrivals,
