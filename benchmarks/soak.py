@@ -137,7 +137,7 @@ def soak(minutes: float, kill_every_s: float, concurrent: int = 48, turns: int =
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="streamctx-soak-"))
     tiny = make_tiny_llama(work / "tiny", hidden=64, layers=2, heads=2, kv_heads=1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,  # never a shared Ray
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
     t_start = time.monotonic()
     stream = Stream(concurrent, turns, t_start + minutes * 60)

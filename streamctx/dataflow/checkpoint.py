@@ -99,9 +99,10 @@ class _LocalFS:
         self.root = root
 
     def makedirs(self, rel: str) -> None:
-        p = self.root / rel
-        p.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(p, 0o700)
+        for p in (self.root, self.root / rel):  # the root too: mkdir(parents=True) ignores mode for parents
+            if not p.is_dir():
+                p.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(p, 0o700)
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         final = self.root / rel

@@ -92,6 +92,7 @@ def test_store_layout_permissions_and_manifest(tmp_path: Path, clean) -> None:
     assert m is not None and m.ckpt_id == ids[-1] and m.job == "ck"
     assert m.plan == [("segment", 2), ("history", 2)] and m.records_in == 96 and m.seq == 94  # two records were invalid
     assert m.sinks["out"]["parts"] == len(list((tmp_path / "out").glob("part-*.parquet"))) - 1
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o700
     for p in (tmp_path / "ckpt").rglob("*"):
         assert p.stat().st_mode & 0o777 == (0o700 if p.is_dir() else 0o600), p
     d = tmp_path / "ckpt" / chk_dir(m.ckpt_id)
