@@ -16,9 +16,10 @@ import pyarrow as pa
 from streamctx.dataflow.checkpoint import MANIFEST, state_file
 
 TIMING = {"latency_ms"}
-# KV bytes a session holds: observed to differ by a block per layer on some rows after a restore
-# (the same context length, cached tokens and replies); not yet diagnosed, reported to the KV
-# cache's owner. Everything the model computes (tokens, replies, lengths) is compared.
+# KV bytes a session holds include decode headroom: `kv.batch.reserve_run` moves a growing layer
+# into a fresh run with a quarter spare, so the block count depends on the session's history, and a
+# restored session starts with exactly ceil(length / block). Everything the model computes
+# (tokens, replies, context and cached lengths) is compared.
 ACCOUNTING = {"state_bytes"}
 IGNORED = TIMING | ACCOUNTING
 
