@@ -26,6 +26,14 @@ def _positive(owner: str, **values: int) -> None:
             raise ModelLoadError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
+def _special_ids(owner: str, vocab_size: int, bos: int | None, eos: tuple[int, ...]) -> None:
+    """BOS/EOS ids must be rows of the embedding (a generation would never stop on an EOS past it)."""
+    for name, ids in (("bos_token_id", () if bos is None else (bos,)), ("eos_token_ids", eos)):
+        bad = [i for i in ids if not (type(i) is int and 0 <= i < vocab_size)]
+        if bad:
+            raise ModelLoadError(f"{owner}.{name} holds {bad[0]!r}, outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     """Llama-family decoder.
@@ -83,6 +91,7 @@ class LlamaConfig:
             raise ModelLoadError(f"LlamaConfig.rope_theta must be positive, got {self.rope_theta!r}")
         if self.hidden_act != "silu":
             raise ModelLoadError(f"LlamaConfig.hidden_act={self.hidden_act!r} is not supported (only 'silu')")
+        _special_ids("LlamaConfig", self.vocab_size, self.bos_token_id, self.eos_token_ids)
 
     @property
     def num_groups(self) -> int:
@@ -169,6 +178,7 @@ class MambaConfig:
             )
         if self.hidden_act != "silu":
             raise ModelLoadError(f"MambaConfig.hidden_act={self.hidden_act!r} is not supported (only 'silu')")
+        _special_ids("MambaConfig", self.vocab_size, self.bos_token_id, self.eos_token_ids)
 
     @property
     def intermediate_size(self) -> int:
@@ -215,114 +225,172 @@ MAMBA_ARCHITECTURES: dict[str, str] = {"MambaForCausalLM": "mamba"}
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = (*LLAMA_ARCHITECTURES, *MAMBA_ARCHITECTURES)
 
 
-def _eos_tuple(value: Any) -> tuple[int, ...]:
+_MISSING = object()
+
+
+def _get(cfg: Mapping[str, Any], key: str, source: str, default: Any) -> Any:
+    value = cfg.get(key, default)
+    if value is _MISSING:
+        raise ModelLoadError(f"{source}: missing field {key!r}")
+    return value
+
+
+def _int(cfg: Mapping[str, Any], key: str, source: str, default: Any = _MISSING) -> int:
+    """An integer field, exactly (a JSON `64`, not `64.0`, `"64"` or `true`)."""
+    value = _get(cfg, key, source, default)
+    if type(value) is not int:
+        raise ModelLoadError(f"{source}: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _opt_int(cfg: Mapping[str, Any], key: str, source: str) -> int | None:
+    value = cfg.get(key)
+    if value is not None and (type(value) is not int or value < 0):
+        raise ModelLoadError(f"{source}: {key} must be a non-negative integer or null, got {value!r}")
+    return value
+
+
+def _float(cfg: Mapping[str, Any], key: str, source: str, default: Any = _MISSING) -> float:
+    value = _get(cfg, key, source, default)
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ModelLoadError(f"{source}: {key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _bool(cfg: Mapping[str, Any], key: str, source: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if type(value) is not bool:
+        raise ModelLoadError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _str(cfg: Mapping[str, Any], key: str, source: str, default: str) -> str:
+    value = cfg.get(key, default)
+    if not isinstance(value, str):
+        raise ModelLoadError(f"{source}: {key} must be a string, got {value!r}")
+    return value
+
+
+def eos_ids(value: Any, *, source: str, key: str = "eos_token_id") -> tuple[int, ...]:
+    """`eos_token_id` as written by Hugging Face: null, an id, or a list of ids."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    items = value if isinstance(value, list) else [value]
+    if not all(type(v) is int and v >= 0 for v in items):
+        raise ModelLoadError(f"{source}: {key} must be a token id or a list of token ids, got {value!r}")
+    return tuple(items)
 
 
-def _rope_from_hf(cfg: Mapping[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope_from_hf(cfg: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from a config dict written by transformers 4 or 5.
 
     transformers 4 writes `rope_theta` and `rope_scaling`; 5 writes `rope_parameters` holding both.
     Scaling dicts are normalised to carry `rope_type` (older files say `type`); plain RoPE is None.
     """
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], Mapping):
+            raise ModelLoadError(f"{source}: {key} must be an object or null, got {cfg[key]!r}")
     params = cfg.get("rope_parameters")
-    scaling = dict(params) if isinstance(params, Mapping) else dict(cfg.get("rope_scaling") or {})
-    theta = scaling.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    key = "rope_parameters" if params is not None else "rope_scaling"
+    raw = params if params is not None else cfg.get("rope_scaling")
+    scaling = dict(raw or {})
+    theta = _float({"rope_theta": scaling.pop("rope_theta", cfg.get("rope_theta", 10000.0))}, "rope_theta", source)
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
-    if scaling.get("rope_type", "default") == "default":
-        return float(theta), None
-    return float(theta), scaling
-
-
-def _field(cfg: Mapping[str, Any], key: str, source: str) -> Any:
-    if key not in cfg:
-        raise ModelLoadError(f"{source}: missing field {key!r}")
-    return cfg[key]
+    kind = scaling.get("rope_type", "default")
+    if not isinstance(kind, str):
+        raise ModelLoadError(f"{source}: {key}.rope_type must be a string, got {kind!r}")
+    if kind == "default":
+        return theta, None
+    for name, value in scaling.items():
+        numbers = value if isinstance(value, list) else [value]
+        if name != "rope_type" and not all(
+                v is None or type(v) is bool or (type(v) in (int, float) and math.isfinite(v)) for v in numbers):
+            raise ModelLoadError(f"{source}: {key}.{name} must be a finite number, got {value!r}")
+    return theta, scaling
 
 
 def llama_config_from_hf(cfg: Mapping[str, Any], architecture: str, *, source: str = "config.json") -> LlamaConfig:
     """Build a `LlamaConfig` from a Hugging Face config dict of a Llama-family model."""
     family = LLAMA_ARCHITECTURES[architecture]
-    hidden = int(_field(cfg, "hidden_size", source))
-    heads = int(_field(cfg, "num_attention_heads", source))
-    theta, scaling = _rope_from_hf(cfg)
+    hidden = _int(cfg, "hidden_size", source)
+    heads = _int(cfg, "num_attention_heads", source)
+    if heads <= 0:
+        raise ModelLoadError(f"{source}: num_attention_heads must be a positive integer, got {heads!r}")
+    theta, scaling = _rope_from_hf(cfg, source)
     if family == "qwen2":
         qkv_bias, o_bias = True, False
     else:
-        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-    sliding = cfg.get("sliding_window")
-    if family == "qwen2" and not cfg.get("use_sliding_window", False):
+        qkv_bias = o_bias = _bool(cfg, "attention_bias", source, False)
+    sliding = _opt_int(cfg, "sliding_window", source)
+    if family == "qwen2" and not _bool(cfg, "use_sliding_window", source, False):
         sliding = None
-    head_dim = cfg.get("head_dim") or hidden // heads
+    head_dim = cfg.get("head_dim")
     return LlamaConfig(
-        vocab_size=int(_field(cfg, "vocab_size", source)),
+        vocab_size=_int(cfg, "vocab_size", source),
         hidden_size=hidden,
-        intermediate_size=int(_field(cfg, "intermediate_size", source)),
-        num_layers=int(_field(cfg, "num_hidden_layers", source)),
+        intermediate_size=_int(cfg, "intermediate_size", source),
+        num_layers=_int(cfg, "num_hidden_layers", source),
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=heads if cfg.get("num_key_value_heads") is None else _int(cfg, "num_key_value_heads", source),
+        head_dim=_int(cfg, "head_dim", source) if head_dim is not None else hidden // heads,
+        rms_norm_eps=_float(cfg, "rms_norm_eps", source, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", source, 2048),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", source, False),
         attention_bias=qkv_bias,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_tuple(cfg.get("eos_token_id")),
+        bos_token_id=_opt_int(cfg, "bos_token_id", source),
+        eos_token_ids=eos_ids(cfg.get("eos_token_id"), source=source),
         architecture=family,
         o_proj_bias=o_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        hidden_act=str(cfg.get("hidden_act", "silu")),
-        sliding_window=int(sliding) if sliding else None,
+        mlp_bias=_bool(cfg, "mlp_bias", source, False),
+        hidden_act=_str(cfg, "hidden_act", source, "silu"),
+        sliding_window=sliding or None,
     )
 
 
 def mamba_config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> MambaConfig:
     """Build a `MambaConfig` from a Hugging Face `MambaConfig` dict."""
-    hidden = int(_field(cfg, "hidden_size", source))
+    hidden = _int(cfg, "hidden_size", source)
     rank = cfg.get("time_step_rank", "auto")
-    if rank == "auto":
-        rank = math.ceil(hidden / 16)
-    expand = int(cfg.get("expand", 2))
+    rank = math.ceil(hidden / 16) if rank == "auto" else _int(cfg, "time_step_rank", source)
+    expand = _int(cfg, "expand", source, 2)
     inner = cfg.get("intermediate_size")
-    if inner is not None and int(inner) != expand * hidden:
+    if inner is not None and _int(cfg, "intermediate_size", source) != expand * hidden:
         raise ModelLoadError(
             f"{source}: intermediate_size={inner} does not equal expand * hidden_size = {expand * hidden}"
         )
     return MambaConfig(
-        vocab_size=int(_field(cfg, "vocab_size", source)),
+        vocab_size=_int(cfg, "vocab_size", source),
         hidden_size=hidden,
-        state_size=int(cfg.get("state_size", 16)),
-        num_layers=int(_field(cfg, "num_hidden_layers", source)),
+        state_size=_int(cfg, "state_size", source, 16),
+        num_layers=_int(cfg, "num_hidden_layers", source),
         expand=expand,
-        conv_kernel=int(cfg.get("conv_kernel", 4)),
-        time_step_rank=int(rank),
-        use_bias=bool(cfg.get("use_bias", False)),
-        use_conv_bias=bool(cfg.get("use_conv_bias", True)),
-        layer_norm_epsilon=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        residual_in_fp32=bool(cfg.get("residual_in_fp32", True)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_tuple(cfg.get("eos_token_id")),
-        hidden_act=str(cfg.get("hidden_act", "silu")),
-        pad_token_id=cfg.get("pad_token_id"),
+        conv_kernel=_int(cfg, "conv_kernel", source, 4),
+        time_step_rank=rank,
+        use_bias=_bool(cfg, "use_bias", source, False),
+        use_conv_bias=_bool(cfg, "use_conv_bias", source, True),
+        layer_norm_epsilon=_float(cfg, "layer_norm_epsilon", source, 1e-5),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", source, True),
+        residual_in_fp32=_bool(cfg, "residual_in_fp32", source, True),
+        bos_token_id=_opt_int(cfg, "bos_token_id", source),
+        eos_token_ids=eos_ids(cfg.get("eos_token_id"), source=source),
+        hidden_act=_str(cfg, "hidden_act", source, "silu"),
+        pad_token_id=_opt_int(cfg, "pad_token_id", source),
     )
 
 
 def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Dispatch on `architectures` (or `model_type`) to the matching config family."""
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelLoadError(f"{source}: architectures must be a list of names, got {archs!r}")
     if not archs:
         by_type = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
                    "mamba": "MambaForCausalLM"}
         model_type = cfg.get("model_type")
-        if model_type not in by_type:
+        if not isinstance(model_type, str) or model_type not in by_type:
             raise ModelLoadError(
                 f"{source}: no 'architectures' and unsupported model_type {model_type!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"

@@ -112,6 +112,24 @@ def _require(meta: dict[str, Any], key: str, path: Path) -> Any:
     return meta[key]
 
 
+_ABSENT = object()
+
+
+def _meta_int(meta: dict[str, Any], key: str, path: Path, default: Any = _ABSENT) -> int:
+    """An integer metadata value (a GGUF file may hold any type under any key)."""
+    value = _require(meta, key, path) if default is _ABSENT else meta.get(key, default)
+    if type(value) is not int:
+        raise ModelLoadError(f"{path}: GGUF {key} must be an integer, got {value!r}")
+    return value
+
+
+def _meta_float(meta: dict[str, Any], key: str, path: Path, default: Any = _ABSENT) -> float:
+    value = _require(meta, key, path) if default is _ABSENT else meta.get(key, default)
+    if type(value) not in (int, float) or not np.isfinite(value):
+        raise ModelLoadError(f"{path}: GGUF {key} must be a finite number, got {value!r}")
+    return _f32(value)
+
+
 def _rope_scaling(meta: dict[str, Any], arch: str, has_rope_freqs: bool, path: Path) -> dict[str, Any] | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if has_rope_freqs:
@@ -121,37 +139,38 @@ def _rope_scaling(meta: dict[str, Any], arch: str, has_rope_freqs: bool, path: P
         )
     if kind == "none":
         return None
-    factor = _f32(_require(meta, f"{arch}.rope.scaling.factor", path))
+    factor = _meta_float(meta, f"{arch}.rope.scaling.factor", path)
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        original = int(_require(meta, f"{arch}.rope.scaling.original_context_length", path))
+        original = _meta_int(meta, f"{arch}.rope.scaling.original_context_length", path)
         return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
     raise ModelLoadError(f"{path}: unsupported {arch}.rope.scaling.type={kind!r} (supported: none, linear, yarn)")
 
 
 def _config(meta: dict[str, Any], arch: str, tensor_names: set[str], n_vocab: int, path: Path) -> LlamaConfig:
-    hidden = int(_require(meta, f"{arch}.embedding_length", path))
-    heads = int(_require(meta, f"{arch}.attention.head_count", path))
-    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    hidden = _meta_int(meta, f"{arch}.embedding_length", path)
+    heads = _meta_int(meta, f"{arch}.attention.head_count", path)
+    if heads <= 0:
+        raise ModelLoadError(f"{path}: GGUF {arch}.attention.head_count must be positive, got {heads}")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     has_bias = "blk.0.attn_q.bias" in tensor_names
     return LlamaConfig(
-        vocab_size=int(meta.get(f"{arch}.vocab_size", n_vocab)),
+        vocab_size=_meta_int(meta, f"{arch}.vocab_size", path, n_vocab),
         hidden_size=hidden,
-        intermediate_size=int(_require(meta, f"{arch}.feed_forward_length", path)),
-        num_layers=int(_require(meta, f"{arch}.block_count", path)),
+        intermediate_size=_meta_int(meta, f"{arch}.feed_forward_length", path),
+        num_layers=_meta_int(meta, f"{arch}.block_count", path),
         num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
-        rms_norm_eps=_f32(_require(meta, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-        rope_theta=_f32(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        num_kv_heads=_meta_int(meta, f"{arch}.attention.head_count_kv", path, heads),
+        head_dim=_meta_int(meta, f"{arch}.attention.key_length", path, hidden // heads),
+        rms_norm_eps=_meta_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", path),
+        rope_theta=_meta_float(meta, f"{arch}.rope.freq_base", path, 10000.0),
         rope_scaling=_rope_scaling(meta, arch, "rope_freqs.weight" in tensor_names, path),
-        max_position_embeddings=int(_require(meta, f"{arch}.context_length", path)),
+        max_position_embeddings=_meta_int(meta, f"{arch}.context_length", path),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias=has_bias,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
+        eos_token_ids=(eos,) if eos is not None else (),
         architecture=arch,
         o_proj_bias="blk.0.attn_output.bias" in tensor_names,
     )
@@ -163,14 +182,22 @@ def _tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
         raise ModelLoadError(
             f"{path}: tokenizer.ggml.model={model!r} is not supported (only byte-level BPE, 'gpt2')"
         )
-    tokens = _require(meta, "tokenizer.ggml.tokens", path).contents()
-    merges = _require(meta, "tokenizer.ggml.merges", path).contents()
-    types_field = meta.get("tokenizer.ggml.token_type")
-    types = types_field.contents() if types_field is not None else [1] * len(tokens)
+    try:
+        tokens = _require(meta, "tokenizer.ggml.tokens", path).contents()
+        merges = _require(meta, "tokenizer.ggml.merges", path).contents()
+        types_field = meta.get("tokenizer.ggml.token_type")
+        types = types_field.contents() if types_field is not None else [1] * len(tokens)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # undecodable token text, wrong element types: a damaged vocabulary
+        raise ModelLoadError(f"{path}: GGUF tokenizer vocabulary is corrupt: {exc}") from exc
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        if meta.get(key) is not None:
+            _meta_int(meta, key, path)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     settings = TokenizerSettings(
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
+        eos_token_ids=(eos,) if eos is not None else (),
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
     )

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from streamctx.model.checkpoint import Checkpoint, validate_weights
-from streamctx.model.config import ModelConfig, ModelLoadError, config_from_hf
+from streamctx.model.config import ModelConfig, ModelLoadError, config_from_hf, eos_ids
 from streamctx.model.tokenizer import Tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,10 +42,11 @@ def read_hf_config(folder: Path) -> ModelConfig:
     config = config_from_hf(cfg, source=str(path))
     generation = folder / "generation_config.json"
     if generation.is_file():
-        eos = _read_json(generation).get("eos_token_id")
-        if eos is not None:
-            ids = (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
-            config = dataclasses.replace(config, eos_token_ids=ids)
+        gen = _read_json(generation)
+        if not isinstance(gen, dict):
+            raise ModelLoadError(f"{generation}: expected a JSON object")
+        if gen.get("eos_token_id") is not None:
+            config = dataclasses.replace(config, eos_token_ids=eos_ids(gen["eos_token_id"], source=str(generation)))
     return config
 
 
@@ -53,11 +54,15 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     """Safetensors files to read, each with the tensor names the index assigns it (None: all)."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        data = _read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index}: no 'weight_map'")
         files: dict[Path, list[str] | None] = {}
         for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+                raise ModelLoadError(f"{index}: tensor {name!r} is mapped to {file!r}, not a .safetensors file "
+                                     "in this folder")
             names = files.setdefault(folder / file, [])
             assert names is not None
             names.append(name)
