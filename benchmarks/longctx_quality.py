@@ -295,21 +295,40 @@ def _hf_cost(length: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- cells
+def _recorded(fn: Any) -> Any:
+    """A cell function whose row also records the load average around it (a shared 2-core
+    machine: timings are only comparable at a similar load) and the policy's full parameters
+    (so a row says which version of a policy made it)."""
+
+    def cell(**params: Any) -> dict[str, Any]:
+        from streamctx.operators.policies import make_policy
+
+        load0 = os.getloadavg()
+        row = fn(**params)
+        spec = BUDGET_POLICIES.get(params.get("policy", ""))
+        return {**row, "loadavg_1m_start": round(load0[0], 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),
+                **({"policy_config": make_policy(spec).config()} if spec else {})}
+
+    cell.__name__ = fn.__name__
+    return cell
+
+
 def _ppl(p: str, n: int) -> Cell:
-    return Cell(f"ppl_{p}_{n // 1024}k", ppl_cell, {"policy": p, "length": n}, group="ppl", timeout_s=2400)
+    return Cell(f"ppl_{p}_{n // 1024}k", _recorded(ppl_cell), {"policy": p, "length": n}, group="ppl", timeout_s=2400)
 
 
 def _pk(p: str, n: int, d: float) -> Cell:
-    return Cell(f"passkey_{p}_{n // 1024}k_d{d}", passkey_cell, {"policy": p, "length": n, "depth": d},
+    return Cell(f"passkey_{p}_{n // 1024}k_d{d}", _recorded(passkey_cell), {"policy": p, "length": n, "depth": d},
                 group="passkey", timeout_s=3000)
 
 
 def _cost(p: str, n: int) -> Cell:
-    return Cell(f"cost_{p}_{n // 1024}k", cost_cell, {"policy": p, "length": n}, group="cost", timeout_s=2400)
+    return Cell(f"cost_{p}_{n // 1024}k", _recorded(cost_cell), {"policy": p, "length": n}, group="cost",
+                timeout_s=2400)
 
 
 def _needles(p: str, n: int) -> Cell:
-    return Cell(f"needles_{p}_{n // 1024}k", needles_cell, {"policy": p, "length": n}, group="needles",
+    return Cell(f"needles_{p}_{n // 1024}k", _recorded(needles_cell), {"policy": p, "length": n}, group="needles",
                 timeout_s=3000)
 
 
