@@ -305,3 +305,21 @@ def test_mamba_config_types_are_checked(root: Path) -> None:
         (d / "config.json").write_text(json.dumps(cfg))
         got = _load(d)
         assert isinstance(got, ModelLoadError) and key in str(got), (key, got)
+
+
+@pytest.mark.parametrize("op", ["open", "replace", "mkdir"])
+def test_unwritable_gguf_cache_still_loads_and_leaves_nothing(root: Path, gguf_file: Path, reference: _Reference,
+                                                              op: str, caplog) -> None:
+    import errno
+
+    from tests.fixtures.faulty_fs import Faults, files_under, inject_faults
+
+    cache = _fresh(root, f"cache-{op}")
+    with inject_faults(cache, Faults(error=errno.ENOSPC if op != "mkdir" else errno.EACCES, on_call=1,
+                                     sticky=True, ops={op})) as faults:
+        got = _load(gguf_file, cache)
+    assert isinstance(got, Checkpoint) and faults.injected
+    for name, t in reference.weights.items():
+        assert torch.equal(got.weights[name], t), name
+    assert "could not cache dequantized weights" in caplog.text
+    assert files_under(cache) == []  # no temporary or partial entry
