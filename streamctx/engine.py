@@ -134,6 +134,7 @@ class _Job:
     """A ticket's program and the model step it waits for (`need`)."""
 
     ticket: Ticket
+    session: "Session"
     program: Program[None] | None = None
     need: tuple[torch.Tensor, bool] | None = None
     start: Callable[[], Program[None]] | None = None
@@ -310,7 +311,7 @@ class Engine:
             if generate:
                 ticket.generation = yield from session._generate_program(params, ticket._on_token)
 
-        self._queues.setdefault(session_id, deque()).append(_Job(ticket, start=program))
+        self._queues.setdefault(session_id, deque()).append(_Job(ticket, session, start=program))
         return ticket
 
     def _has_work(self, session_id: str) -> bool:
@@ -370,12 +371,12 @@ class Engine:
         for sid, job in ready.items():
             assert job.need is not None
             n = int(job.need[0].shape[0])
-            state_bytes = self.model.state_nbytes(self.sessions[sid].state)
+            state_bytes = self.model.state_nbytes(job.session.state)
             demands.append(Demand(sid, prefill=0 if n == 1 else n, decode=n == 1, priority=job.ticket.priority,
                                   split=False, state_bytes=state_bytes, bytes_per_token=self._bytes_per_token))
         grants = self.scheduler.step(demands)
         jobs = [ready[g.session_id] for g in grants]
-        batch = [(self.sessions[j.ticket.session_id], j.need[0]) for j in jobs]  # type: ignore[index]
+        batch = [(j.session, j.need[0]) for j in jobs]  # type: ignore[index]
         try:
             outs = self._forward(batch, [j.need[1] for j in jobs])  # type: ignore[index]
         except Exception as exc:  # a failed forward fails the requests in it, not the engine
