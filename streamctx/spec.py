@@ -468,10 +468,13 @@ def _partial_semantic_errors(data: dict[str, Any], base: str) -> list[FieldError
         p = p if p.is_absolute() else Path(base) / p
         if not p.exists() and not src.get("follow"):
             out.append(FieldError("source.path", f"file not found: {src['path']}"))
-    sink = data.get("sink")
-    if isinstance(sink, dict) and isinstance(sink.get("path"), str):
+    for section in ("sink", "checkpoint"):
+        sub = data.get(section)
+        path = sub.get("path") if isinstance(sub, dict) else None
+        if not isinstance(path, str) or (section == "checkpoint" and ("://" in path or Path(path).is_absolute())):
+            continue
         try:
-            resolve_inside(Path(base), sink["path"])
+            resolve_inside(Path(base), path)
         except ValueError as exc:
-            out.append(FieldError("sink.path", str(exc)))
+            out.append(FieldError(f"{section}.path", str(exc)))
     return out

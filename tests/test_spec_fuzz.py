@@ -223,3 +223,13 @@ def test_from_dict_refuses_escaping_sinks_too(tmp_path: Path) -> None:
     data["sink"]["path"] = "../x"
     with pytest.raises(SpecError, match="sink.path: output path '../x' escapes its root"):
         JobSpec.from_dict(data, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("section", ["sink", "checkpoint"])
+def test_escaping_paths_are_reported_beside_schema_errors(tmp_path: Path, section: str) -> None:
+    (tmp_path / "in.jsonl").write_text("")
+    data = copy.deepcopy(VALID)
+    data["runner"]["replicas"] = 0
+    data[section]["path"] = "../elsewhere"
+    fields = [e.field for e in validate(_write(tmp_path, data))]
+    assert fields == ["runner.replicas", f"{section}.path"]

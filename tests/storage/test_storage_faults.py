@@ -325,3 +325,18 @@ def test_packed_round_trip_and_tampered_header() -> None:
         unpack_blob(bad, buf)
     with pytest.raises(StateFormatError, match="more parts"):
         unpack_parts(header_v, [p.copy() for p in parts] + [np.zeros(4, np.uint8)])
+
+
+def test_memory_tier_out_of_memory_changes_nothing(monkeypatch) -> None:
+    tier = MemoryTier("host", "cpu", capacity=None)
+    kept = kv_blob(1, 4)
+    tier.put("kept", kept)
+
+    def oom(self, device, *, pin_memory=False):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(StateBlob, "to", oom)
+    big = StateBlob("x", {"view": torch.zeros(100, 10)[3]})  # a view: the tier must copy it
+    with pytest.raises(StorageError, match="host tier could not copy session 'big'.*out of memory"):
+        tier.put("big", big)
+    assert list(tier.keys()) == ["kept"] and tier.used() == kept.nbytes() == tier.live_bytes()
