@@ -98,7 +98,8 @@ def _start_ray(cluster: bool) -> Any:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only
     env = {"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}}
     if not cluster:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+        # address="local": a fresh instance even when another Ray runs on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
         return None
     from ray.cluster_utils import Cluster
 
@@ -227,7 +228,7 @@ def throughput(mode: str, turn: str, n_sessions: int = 200, turns_per_session: i
 
 
 def engine_sessions(model: str, mode: str, n_sessions: int, turns_per_session: int, feed_tokens: int,
-                    gen_tokens: int, device_fraction: float = 0.1, lookahead: int = 8,
+                    gen_tokens: int, device_fraction: float = 0.09, lookahead: int = 8,
                     seed: int = 0) -> dict[str, Any]:
     """Interleaved turns of real Engine sessions: all live (`unbounded`) or under TieredSessions."""
     harness.set_threads(1 if model == "tiny" else 2)
@@ -391,12 +392,10 @@ def bandwidth(tier: str, n_states: int = 24, tokens: int = 128) -> dict[str, Any
     elif tier == "peer":
         import ray
 
-        from streamctx.storage.peer import PeerTier, spawn_state_stores
+        from streamctx.storage.peer import PeerTier
 
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
-        store = PeerTier(spawn_state_stores(2, 2 * nbytes))
+        ray_local = _start_ray(False)
+        store = PeerTier(_peer_stores(ray_local, 2 * nbytes))
         spill, restore = roundtrip(store, blobs)
         arrays = [np.random.default_rng(i).integers(0, 256, b.nbytes(), dtype=np.uint8) for i, b in enumerate(blobs)]
         refs: list[Any] = []
