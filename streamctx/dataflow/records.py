@@ -108,7 +108,7 @@ def _value_problem(value: Any, depth: int = 0) -> Optional[str]:
     if value is None or isinstance(value, (bool, float, bytes)):
         return None
     if isinstance(value, int):
-        return None if INT64_MIN <= value <= INT64_MAX else f"integer {value} is outside the 64-bit range"
+        return None if INT64_MIN <= value <= INT64_MAX else "an integer outside the 64-bit range"
     if isinstance(value, str):
         return None if _utf8(value) else "not valid Unicode (it holds a lone surrogate)"
     if depth >= MAX_DEPTH and isinstance(value, (list, tuple, dict)):
@@ -254,8 +254,8 @@ def _dump(v: Any, limit: Optional[int] = 10_000) -> str:
     except (TypeError, ValueError, RecursionError):
         try:
             text = repr(v)
-        except RecursionError:
-            text = f"<{type(v).__name__} nested too deeply to show>"
+        except (RecursionError, ValueError):  # too deep, or an int too long to print
+            text = f"<{type(v).__name__} too large to show>"
     return text if limit is None else text[:limit]
 
 

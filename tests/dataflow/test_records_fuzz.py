@@ -191,7 +191,8 @@ def test_known_hostile_records_and_their_reasons() -> None:
         "_fresh: field name is reserved": {**base, "_fresh": True},
         "offset: field name is reserved": {**base, "offset": 3},
         "field name 7 is not a valid string": {**base, 7: "x"},
-        "n: integer 18446744073709551616 is outside the 64-bit range": {**base, "n": [1, 2**64]},
+        "n: an integer outside the 64-bit range": {**base, "n": [1, 2**64]},
+        "big: an integer outside the 64-bit range": {**base, "big": 10**5000},
         f"deep: nested deeper than {MAX_DEPTH} levels": {**base, "deep": json.loads("[" * 100 + "]" * 100)},
         "max_new_tokens: Input should be greater than or equal to 1": {**base, "max_new_tokens": 0},
         "generate: Input should be a valid boolean": {**base, "generate": "yes"},
@@ -288,3 +289,13 @@ def test_extra_field_changing_type_across_batches() -> None:
                               "runner": {"type": "local", "batch_size": 1}})
     res = run_job(spec, runner="local")
     assert res.records_out == 2 and res.dead_letters == 0
+
+
+@pytest.mark.xfail(strict=True, reason="streamctx/io/sources.py (not this helper's file): json.loads raises a plain "
+                   "ValueError for an integer of more than 4300 digits (Python's int/str limit) and only "
+                   "JSONDecodeError and RecursionError are caught, so the job crashes")
+def test_jsonl_line_with_a_huge_integer_is_dead_lettered(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_bytes(b'{"session_id":"a","turn":' + b"9" * 5000 + b',"role":"user","text":"x"}\n'
+                                        + b'{"session_id":"a","turn":0,"role":"user","text":"ok"}\n')
+    res = _job({"type": "jsonl", "path": "in.jsonl"}, base_dir=tmp_path)
+    assert res.records_out == 1 and res.dead_letters == 1
