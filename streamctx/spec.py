@@ -381,9 +381,17 @@ def _field_errors(exc: ValidationError) -> list[FieldError]:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
+            msg = f"{msg} (got {_short_repr(e['input'])})"
         out.append(FieldError(loc, msg))
     return out
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _output_path_errors(spec: JobSpec) -> Iterable[FieldError]:

@@ -233,3 +233,14 @@ def test_escaping_paths_are_reported_beside_schema_errors(tmp_path: Path, sectio
     data[section]["path"] = "../elsewhere"
     fields = [e.field for e in validate(_write(tmp_path, data))]
     assert fields == ["runner.replicas", f"{section}.path"]
+
+
+def test_values_too_large_to_print_are_still_named(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["runner"]["replicas"] = 10**5000  # past Python's int-to-str digit limit
+    data["name"] = "n" * 10_000
+    (tmp_path / "in.jsonl").write_text("")
+    errors = {e.field: e.message for e in validate(data, base_dir=str(tmp_path))}
+    assert "about 5000 digits" in errors["runner.replicas"] and len(errors["name"]) < 400
+    got = _load(_write(tmp_path, data))  # YAML itself refuses such an int: a file-level error
+    assert isinstance(got, SpecError) and "cannot parse job.yaml" in str(got)
