@@ -242,5 +242,7 @@ def test_values_too_large_to_print_are_still_named(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text("")
     errors = {e.field: e.message for e in validate(data, base_dir=str(tmp_path))}
     assert "about 5000 digits" in errors["runner.replicas"] and len(errors["name"]) < 400
-    got = _load(_write(tmp_path, data))  # YAML itself refuses such an int: a file-level error
+    data["runner"]["replicas"] = 1
+    text = yaml.safe_dump(data).replace("replicas: 1\n", "replicas: " + "9" * 5000 + "\n", 1)
+    got = _load(_write(tmp_path, text))  # YAML itself refuses such an int: a file-level error
     assert isinstance(got, SpecError) and "cannot parse job.yaml" in str(got)
