@@ -220,6 +220,11 @@ class MemoryBudgetScheduler:
         with self._lock:
             return list(self._level)
 
+    def session_nbytes(self) -> dict[str, int]:
+        """Bytes of each held session's state."""
+        with self._lock:
+            return dict(self._nbytes)
+
     def live_device_bytes(self) -> int:
         """Bytes of the storages the device tier really holds (not the scheduler's accounting)."""
         with self._lock:

@@ -206,6 +206,7 @@ class Engine:
         make_policy(policy)  # validate now: unknown names fail at load, not at first feed
         self.fingerprint = _fingerprint(self.config)
         self.sessions: dict[str, Session] = {}
+        self.tiering: Any = None  # a streamctx.tiering.TieredSessions managing these sessions, if any
         # Default step budget: one full prefill chunk plus a decode token for every batch slot.
         self.scheduler = StepScheduler(step_tokens or prefill_chunk + max_batch, max_sessions=max_batch,
                                        prefill_chunk=prefill_chunk, memory_budget=memory_budget)
@@ -451,7 +452,8 @@ class Engine:
 
     # -- accounting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """Live sessions, state bytes and, for paged models, block usage of the KV pool."""
+        """Live sessions, state bytes, for paged models block usage of the KV pool, and under a
+        `TieredSessions` (streamctx.tiering) its tier stats as `tiering`."""
         out: dict[str, Any] = {
             "model": self.config.architecture,
             "live_sessions": len(self.sessions),
@@ -468,6 +470,8 @@ class Engine:
                        block_size=pool.block_size)
         else:
             out.update(kv_bytes=0, blocks_used=0, blocks_total=0)
+        if self.tiering is not None:  # bytes per tier, spills, restores, prefetch hit rate, stall time
+            out["tiering"] = self.tiering.stats()
         return out
 
     def __repr__(self) -> str:

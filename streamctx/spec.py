@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ROLES = ("user", "assistant", "system", "document")
 INT64_MAX = 2**63 - 1  # records travel as Arrow int64 columns
@@ -128,7 +128,17 @@ class WindowsSpec(_Section):
 
 
 class MemorySpec(_Section):
-    device_budget: Optional[Union[int, str]] = None
+    """Where the model stage keeps session state (streamctx.tiering). Without `device_budget`
+    every session stays live in the engine. With it, at most `max_live_sessions` per replica are
+    live; the others are snapshots that the memory-budget scheduler places on the device tier (up
+    to `device_budget` bytes), the host tier (`host_budget`; unbounded when unset), then disk
+    (a private folder under `spill_dir`, default the system temp folder; a relative path is taken
+    from the spec's folder and may not leave it). Sizes are bytes or strings like "512MiB"."""
+
+    device_budget: Optional[ByteSize] = None
+    host_budget: Optional[ByteSize] = None
+    spill_dir: Optional[str] = None
+    max_live_sessions: int = Field(default=8, ge=1, le=65536)
 
 
 class SchedulerSpec(_Section):
@@ -396,7 +406,7 @@ def _short_repr(value: Any, limit: int = 200) -> str:
 
 def _output_path_errors(spec: JobSpec) -> Iterable[FieldError]:
     """Output paths that would write outside the spec's folder: the file sink's folder, and a
-    relative checkpoint folder (a URI or an absolute folder is an explicit root of its own)."""
+    relative checkpoint or spill folder (a URI or an absolute folder is an explicit root of its own)."""
     if spec.sink.path and spec.sink.type in ("parquet", "jsonl"):
         try:
             spec.resolve_output(spec.sink.path)
@@ -408,6 +418,12 @@ def _output_path_errors(spec: JobSpec) -> Iterable[FieldError]:
             spec.resolve_output(ckpt)
         except ValueError as exc:
             yield FieldError("checkpoint.path", str(exc))
+    spill = spec.scheduler.memory.spill_dir
+    if spill and not Path(spill).is_absolute():
+        try:
+            spec.resolve_output(spill)
+        except ValueError as exc:
+            yield FieldError("scheduler.memory.spill_dir", str(exc))
 
 
 def _semantic_errors(spec: JobSpec) -> Iterable[FieldError]:

@@ -52,6 +52,7 @@ class TieredSessions:
         if max_live < 1:
             raise ValueError(f"max_live must be >= 1, got {max_live}")
         self.engine = engine
+        engine.tiering = self  # engine.stats() reports the tiers
         self.scheduler = scheduler
         self.max_live = max_live
         self.prefetch_on_hint = prefetch_on_hint
@@ -152,6 +153,14 @@ class TieredSessions:
     def session_ids(self) -> list[str]:
         """Every session held: live ones first, then spilled ones."""
         return [*self._live, *(s for s in self.scheduler.sessions() if s not in self._live)]
+
+    def session_nbytes(self) -> dict[str, int]:
+        """State bytes per session: live ones (KV in the engine's pool), then spilled snapshots."""
+        m = self.engine.model
+        out = {sid: m.state_nbytes(s.state) for sid, s in self._live.items() if not s.closed}
+        for sid, n in self.scheduler.session_nbytes().items():
+            out.setdefault(sid, n)
+        return out
 
     def working_bytes(self) -> int:
         """KV/state bytes the live sessions hold in the engine."""

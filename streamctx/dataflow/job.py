@@ -417,6 +417,9 @@ class _Driver:
                 "live_after": sum(s["live"] for s in reps),
                 "bytes_after": sum(s["bytes"] for s in reps),
             }
+            tiers = [s["tiers"] for s in reps if s.get("tiers")]
+            if tiers:  # per replica: the memory-budget scheduler's stats (streamctx.tiering)
+                stage_metrics[p.name]["tiers"] = tiers
             sessions.live += stage_metrics[p.name]["live_after"]
             sessions.bytes += stage_metrics[p.name]["bytes_after"]
             sessions.peak_live = max(sessions.peak_live, stage_metrics[p.name]["peak_live_sessions"])

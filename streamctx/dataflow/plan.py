@@ -72,7 +72,7 @@ def build_plan(spec: JobSpec) -> list[StagePlan]:
             res = tuple(m.replica_resources) if m.replica_resources else (m.resources,) * replicas
         plan.append(StagePlan("model", "model", replicas, spec.sessions, m.num_cpus, res, {
             "model": m.model_dump(), "policy": dict(spec.policy), "base_dir": spec.base_dir,
-            "part": 0, "parts": m.stages,
+            "part": 0, "parts": m.stages, "memory": spec.scheduler.memory.model_dump(),
             **({"start_timeout_s": spec.runner.start_timeout_s} if m.stages > 1 else {}),
         }))
     plan += [_user_plan(s, n, spec.sessions) for s in spec.stages if s.place == "post_model"]

@@ -302,6 +302,8 @@ class StageHost:
             "records": self.records,
             "busy_s": self.busy_s,
             "errors": self.errors,
+            # A model stage under a memory budget: its tiers (bytes, spills, restores, prefetch hits, stall).
+            "tiers": self.stage.tier_stats() if callable(getattr(self.stage, "tier_stats", None)) else None,
         }
 
     def finish(self) -> dict[str, Any]:

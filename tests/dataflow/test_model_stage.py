@@ -140,3 +140,30 @@ def test_a_batch_of_sessions_shares_model_steps(tiny: Path) -> None:
         assert row["reply"] == ref[row["session_id"], 0]["reply"]
         assert row["n_context_tokens"] == ref[row["session_id"], 0]["n_context_tokens"]
     stage.close()
+
+
+def test_tiered_session_state_gives_the_rows_of_an_unbounded_run(tiny: Path, tmp_path: Path) -> None:
+    """scheduler.memory: at most 2 live sessions, a tiny device and host budget: idle sessions spill
+    (to disk too) and come back for their turns; every row equals the run with all sessions live,
+    and the job's metrics report the tiers."""
+    records = interleave(conversations(6, 4, generate_every=2), seed=5)
+
+    def run(memory: dict[str, Any] | None) -> Any:
+        data = {"name": "t", "source": {"type": "iterator", "obj": records},
+                "model": {"path": str(tiny), "max_new_tokens": 3},
+                "runner": {"type": "local", "replicas": 1, "batch_size": 8}, "base_dir": str(tmp_path)}
+        if memory:
+            data["scheduler"] = {"memory": memory}
+        return run_job(JobSpec.from_dict(data))
+
+    plain = run(None)
+    tiered = run({"device_budget": "256KiB", "host_budget": "512KiB", "spill_dir": "spill", "max_live_sessions": 2})
+    ignore = TIMING | {"state_bytes"}  # KV blocks held (decode headroom) depend on save/restore history
+    assert [{k: v for k, v in r.items() if k not in ignore} for r in tiered.outputs.to_pylist()] == \
+        [{k: v for k, v in r.items() if k not in ignore} for r in plain.outputs.to_pylist()]
+    assert tiered.dead_letters == 0 and len(tiered.outputs) == len(records)
+    (stats,) = tiered.metrics["stages"]["model"]["tiers"]
+    assert stats["spills"] > 0 and stats["restores"] > 0 and stats["releases"] > 0
+    assert any(move.endswith("->disk") for move in stats["moves"]), stats  # states reached the disk tier
+    assert "tiers" not in plain.metrics["stages"]["model"]
+    assert tiered.sessions.live == 0 and tiered.sessions.bytes == 0
