@@ -111,6 +111,14 @@ def _dead_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["offset"], "dead", row["stage"], row["session_id"], row["turn"], row["reason"])
 
 
+def _replayable(spec: JobSpec) -> bool:
+    """Files always are; a Python source only when iterating it again starts over (not a generator)."""
+    src = spec.source
+    if src.type == "queue":
+        return False
+    return src.type != "iterator" or iter(src.obj) is not src.obj
+
+
 def checkpoint_store(spec: JobSpec) -> CheckpointStore:
     """The job's checkpoint store: `checkpoint.filesystem` (Python only) with `checkpoint.path`, a
     filesystem URI, an absolute folder, or a folder inside the spec's folder (default
@@ -249,6 +257,9 @@ class _Driver:
         """A stage actor (or its node) was lost: new actors, every replica back to the last
         checkpoint, the source replays from its offset; outputs already delivered are skipped."""
         rec = self.recovery
+        if not _replayable(self.spec):
+            raise CheckpointError(f"cannot recover: the {self.spec.source.type} source cannot be read again from "
+                                  f"an offset (a generator or a queue); use a list, a file or a re-iterable") from exc
         if rec.count >= self.ckpt.max_recoveries:
             raise CheckpointError(f"giving up after {rec.count} recoveries (checkpoint.max_recoveries)") from exc
         rec.count += 1

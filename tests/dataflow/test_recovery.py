@@ -75,3 +75,19 @@ def test_sigkilled_stage_actors_recover_with_exactly_once_output(ray_stages, tin
     store = CheckpointStore(str(tmp_path / "faulty" / "ckpt"))
     assert killer.interrupted is not None
     assert int(killer.interrupted.split("-")[1]) not in store.complete_ids()
+
+
+def test_a_source_that_cannot_replay_fails_clearly_instead_of_losing_records(ray_stages, tmp_path: Path) -> None:
+    from streamctx.dataflow.checkpoint import CheckpointError
+
+    records = (r for r in multi_session_stream(6, 10))  # a generator: read once
+    spec = JobSpec.from_dict({
+        "name": "gen", "source": {"type": "iterator", "obj": records}, "model": None,
+        "runner": {"type": "ray", "replicas": 1, "batch_size": 5},
+        "stages": [{"name": "history", "cls": stages.History}],
+        "checkpoint": {"enabled": True, "interval_records": 10, "path": "ckpt"},
+    }, base_dir=tmp_path)
+    killer = faults.Killer(seed=1, at_rows=[20])
+    with pytest.raises(CheckpointError, match="cannot recover: the iterator source cannot be read again"):
+        run_job(spec, on_progress=killer, on_start=killer.on_start)
+    assert len(killer.kills) == 1
