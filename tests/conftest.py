@@ -56,6 +56,7 @@ def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new instance even when another Ray runs on this machine
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from streamctx.cli.console import err, out
 from streamctx.cli.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 from streamctx.cli.outputs import with_output_dir
-
-if TYPE_CHECKING:
-    from streamctx.spec import JobSpec
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -47,23 +43,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--resume needs checkpoints: set checkpoint.enabled: true in {args.spec} "
                        "(a job without them can restart from source.start_offset = JobResult.last_offset)",
                        EXIT_USAGE)
+    from streamctx.cli.summary import run_with_progress
+
     try:
-        return _run_resumed(spec, runner=args.runner, address=args.address)
+        return run_with_progress(spec, runner=args.runner, address=args.address, resume=True)
     except CheckpointError as exc:
         raise CLIError(f"cannot resume {args.spec}: {exc}") from None
-
-
-def _run_resumed(spec: "JobSpec", *, runner: str | None, address: str | None) -> int:
-    """`run --resume`: like `run_with_progress`, continuing from the job's last checkpoint."""
-    from streamctx.cli.progress import expected_records, job_progress
-    from streamctx.cli.summary import print_summary
-    from streamctx.dataflow import run_job
-
-    kind = runner or spec.runner.type
-    with job_progress(f"{spec.name} ({kind}, resumed)", expected_records(spec)) as on_progress:
-        result = run_job(spec, runner=runner, address=address, on_progress=on_progress, resume=True)
-    print_summary(spec, result, replies=3)
-    return EXIT_OK
 
 
 def demo(args: argparse.Namespace) -> int:

@@ -24,12 +24,15 @@ CONTEXT_COLUMN = "n_context_tokens"
 POLICY_COLUMN = "policy"
 
 
-def run_with_progress(spec: JobSpec, *, runner: str | None, address: str | None, replies: int = 3) -> int:
+def run_with_progress(spec: JobSpec, *, runner: str | None, address: str | None, replies: int = 3,
+                      resume: bool = False) -> int:
+    """Run `spec` with a progress bar, then print the summary; `resume`: from its last checkpoint."""
     from streamctx.dataflow import run_job
 
     kind = runner or spec.runner.type
-    with job_progress(f"{spec.name} ({kind})", expected_records(spec)) as on_progress:
-        result = run_job(spec, runner=runner, address=address, on_progress=on_progress)
+    title = f"{spec.name} ({kind}, resumed)" if resume else f"{spec.name} ({kind})"
+    with job_progress(title, expected_records(spec)) as on_progress:
+        result = run_job(spec, runner=runner, address=address, on_progress=on_progress, resume=resume)
     print_summary(spec, result, replies=replies)
     return EXIT_OK
 

@@ -121,7 +121,7 @@ def test_run_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     good = _write_job(tmp_path / "good", RECORDS)
     assert main(["run", str(good), "--resume"]) == EXIT_USAGE
     (line,) = _errors(capsys)
-    assert line.startswith("error: --resume is not supported yet")
+    assert line.startswith("error: --resume needs checkpoints")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
