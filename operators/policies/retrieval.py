@@ -13,7 +13,7 @@ scores every stored key: a block's score is the attention mass it would get from
 (per head, the log-sum-exp of its logits over the block, a softmax over blocks, summed over
 heads). A passkey block is one sharp match among filler: its mean key is weak, and on SmolLM2 at
 16K (depth 0.9) the mean put the key's blocks in that query's selection in 13 of 30 layers while
-two filler blocks that every query likes took a slot in all of them. The exact score costs one
+filler blocks that most queries like (the intro's, two mid-stream ones) took slots in nearly all. The exact score costs one
 pass over the host keys per lone query (a decode step reads them once, as full attention
 would); groups keep the representatives, which read one key per block.
 
