@@ -15,6 +15,8 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
   chunk batched with the others' decode steps) vs the same arrival on an idle engine, and the
   decoders' per-token latency while prefills join their steps.
 - membw: the machine's memory read rate (`benchmarks/model.py`'s `torch.sum` measurement).
+- gemm: the machine's fp32 matmul rate on the model's layer shapes at 64 rows. Batches of 16 and
+  more are compute-bound on 2 cores, so `of_roofline` compares with min(bandwidth, compute) bound.
 
     for c in membw decode_512_n01 ...; do flock /tmp/streamctx-bench.lock python benchmarks/batching.py --only $c; done
 
@@ -82,6 +84,14 @@ def _timed_forward(engine: Any) -> list[float]:
     return times
 
 
+def _flops_per_token(engine: Any, context: int) -> int:
+    """Matmul FLOPs of one decoded token: every weight once (the tied embedding as lm_head only)
+    plus attention's two products over `context` keys in every layer."""
+    c = engine.config
+    params = (engine.model.weight_nbytes() // 4) - c.hidden_size * (c.num_layers * 2 + 1)  # less the norms
+    return 2 * params + 4 * c.num_layers * c.num_heads * c.head_dim * context
+
+
 def decode(context: int, n: int, rounds: int) -> dict[str, Any]:
     engine, blob = _engine_with_clones(context, n)
     singles = min(n, 2)
@@ -125,7 +135,8 @@ def decode(context: int, n: int, rounds: int) -> dict[str, Any]:
             "p50_ms": 1e3 * _pct(lat_b, 0.5), "p99_ms": 1e3 * _pct(lat_b, 0.99),
             "single_p50_ms": 1e3 * _pct(lat_s, 0.5), "single_p99_ms": 1e3 * _pct(lat_s, 0.99),
             "p99_vs_single": _pct(lat_b, 0.99) / _pct(lat_s, 0.99),
-            "bytes_per_step": weights + n * kv, "rounds": rounds, "threads": THREADS, "load_1m": load}
+            "bytes_per_step": weights + n * kv, "flops_per_token": _flops_per_token(engine, context + NEW_TOKENS // 2),
+            "rounds": rounds, "threads": THREADS, "load_1m": load}
 
 
 def mixed(context: int, decoders: int, arrivals: int, every: int) -> dict[str, Any]:
@@ -168,8 +179,30 @@ def membw() -> dict[str, Any]:
     return {"impl": "torch.sum", "mem_gbps": memory_read_gbps(512 << 20, repeats=10), "load_1m": _load()}
 
 
+def gemm() -> dict[str, Any]:
+    """The machine's fp32 matmul rate on SmolLM2's layer shapes at 64 rows (decode of 64 sessions):
+    with the bandwidth bound it gives the roofline, since big batches are compute-bound on 2 cores."""
+    import torch
+    import torch.nn.functional as F
+
+    harness.set_threads(THREADS)
+    h, inter, qkv = 576, 1536, 960  # hidden, MLP, fused q/k/v rows
+    ws = [torch.randn(qkv, h), torch.randn(h, h), torch.randn(inter, h), torch.randn(inter, h),
+          torch.randn(h, inter)] * 30
+    x, xi = torch.randn(64, h), torch.randn(64, inter)
+
+    def run() -> None:
+        for w in ws:
+            F.linear(xi if w.shape[1] == inter else x, w)
+
+    seconds = harness.time_fn(run, warmup=1, repeats=5)
+    flops = sum(2 * 64 * w.numel() for w in ws)
+    return {"impl": "F.linear", "gemm_gflops": flops / seconds / 1e9, "load_1m": _load()}
+
+
 CELLS = [
     Cell("membw", membw, {}, group="machine", timeout_s=120),
+    Cell("gemm", gemm, {}, group="machine", timeout_s=120),
     *(Cell(f"decode_{label}_n{n:02d}", decode, {"context": ctx, "n": n, "rounds": 2}, group="decode",
            timeout_s=600)
       for ctx, label, sizes in ((512, "512", (1, 4, 16, 64)), (2048, "2K", (1, 4, 16)))
@@ -180,13 +213,18 @@ CELLS = [
 
 
 def add_bound(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`of_bound`: batched tokens/s over the batch's bandwidth bound, from the `membw` row."""
+    """`of_bound`: batched tokens/s over the batch's bandwidth bound (the `membw` row);
+    `of_roofline`: over min(bandwidth bound, compute bound at the `gemm` row's matmul rate)."""
     bw = next((r.get("mem_gbps") for r in rows if r["cell"] == "membw"), None)
+    gf = next((r.get("gemm_gflops") for r in rows if r["cell"] == "gemm"), None)
     for r in rows:
         if bw and r.get("bytes_per_step") and r.get("status") == "ok":
             r["mem_gbps"] = bw
             r["bound_tok_s"] = r["sessions"] * bw * 1e9 / r["bytes_per_step"]
             r["of_bound"] = r["tok_s"] / r["bound_tok_s"]
+            if gf and r.get("flops_per_token"):
+                r["compute_tok_s"] = gf * 1e9 / r["flops_per_token"]
+                r["of_roofline"] = r["tok_s"] / min(r["bound_tok_s"], r["compute_tok_s"])
     return rows
 
 
@@ -197,6 +235,7 @@ if __name__ == "__main__":
         prefix="batching",
         title="SmolLM2-135M CPU fp32: batched sessions (Engine.submit/step) vs one at a time, 2 threads",
         columns=["cell", "context", "sessions", "tok_s", "single_tok_s", "speedup", "bound_tok_s", "of_bound",
+                 "compute_tok_s", "of_roofline", "gemm_gflops",
                  "p50_ms", "p99_ms", "single_p50_ms", "single_p99_ms", "p99_vs_single", "ttft_ms", "ttft_max_ms",
                  "ttft_idle_ms", "mixed_step_p50_ms", "mixed_step_p99_ms", "mem_gbps", "peak_rss_mib",
                  "load_1m", "status"],
