@@ -124,7 +124,8 @@ def _peer_stores(cluster: Any, capacity: int) -> list[Any]:
 
     if cluster is None:
         return spawn_state_stores(2, capacity)
-    return spawn_state_stores(2, capacity, options=[{"resources": {n: 1}} for n in PEER_NODES])
+    # Half of each node's marker resource: the raw-medium actor of the bandwidth cell takes the other half.
+    return spawn_state_stores(2, capacity, options=[{"resources": {n: 0.5}} for n in PEER_NODES])
 
 
 class RawPeer:
@@ -429,7 +430,7 @@ def bandwidth(tier: str, n_states: int = 24, tokens: int = 128) -> dict[str, Any
         sizes = [b.nbytes() for b in blobs]
         arrays = [np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8) for i, n in enumerate(sizes)]
         raw_cls = ray.remote(num_cpus=0)(RawPeer)
-        sinks = [raw_cls.options(resources={n: 1}).remote() for n in PEER_NODES]
+        sinks = [raw_cls.options(resources={n: 0.5}).remote() for n in PEER_NODES]
         served = ray.get(sinks[0].serve.remote(sizes))
 
         def raw_spill():
