@@ -139,10 +139,13 @@ def _row_problem(row: dict[str, Any]) -> Optional[str]:
     for k, value in row.items():
         if k in _CORE:
             continue
-        if not isinstance(k, str) or not _utf8(k):
+        if type(k) is not str or not (k.isascii() or _utf8(k)):
             return f"field name {k!r} is not a valid string"
-        if k == "offset" or k.startswith("_"):
+        if k[:1] == "_" or k == "offset":
             return f"{k}: field name is reserved (`offset` and names starting with `_` belong to the engine)"
+        t = type(value)
+        if (t is str and value.isascii()) or t is float or t is bool or value is None:
+            continue  # the common scalars, without a call
         problem = _value_problem(value)
         if problem:
             return f"{k}: {problem}"
