@@ -87,6 +87,8 @@ def _parse_line(offset: int, nxt: int, line: bytes) -> RawRecord:
         return RawRecord(offset, nxt, error=f"bad JSON: {exc.msg} at column {exc.colno}", raw=text.rstrip("\n"))
     except RecursionError:
         return RawRecord(offset, nxt, error="bad JSON: nested too deeply", raw=text.rstrip("\n")[:1000])
+    except ValueError as exc:  # e.g. an integer past Python's int/str digit limit
+        return RawRecord(offset, nxt, error=f"bad JSON: {exc}", raw=text.rstrip("\n")[:1000])
     if not isinstance(value, dict):
         return RawRecord(offset, nxt, error=f"record must be a JSON object, got {type(value).__name__}",
                          raw=text.rstrip("\n"))
