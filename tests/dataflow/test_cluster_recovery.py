@@ -9,6 +9,7 @@ The head checks node health every 0.5 s, so the loss is noticed in seconds (Ray'
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,13 +70,26 @@ def test_lost_node_sessions_are_rebuilt_from_the_checkpoint(cluster, tmp_path: P
     assert clean.metrics["nodes"]["model"][0] == node_a_id
 
     removed: list[int] = []
+    executors: list[Any] = []
 
     def lose_node_a(p: Any) -> None:
         if not removed and p.records_out >= 200:
+            # A lost machine takes its processes with it at once: remove_node kills the node's Ray
+            # services, and the stage workers placed there are killed with them (Cluster leaves
+            # orphaned workers alive for a while, which could finish the stream on a dead node).
+            ex = executors[0]
+            on_a = {(st.name, r) for st, reps in zip(ex.plan, ex.nodes) for r, nid in enumerate(reps)
+                    if nid == node_a_id}
+            victims = [pid for key, pid in ex.pids().items() if key in on_a]
             c.remove_node(nodes["node_a"], allow_graceful=False)
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             removed.append(p.records_out)
 
-    res = run_job(spec(tmp_path / "faulty"), runner="ray", on_progress=lose_node_a)
+    res = run_job(spec(tmp_path / "faulty"), runner="ray", on_progress=lose_node_a, on_start=executors.append)
     ck = res.metrics["checkpoints"]
     check = exactly_once(clean.outputs, res.outputs)
     print(f"\n[node loss] faults injected: {len(removed)} (node_a removed at {removed} rows); recoveries: "
