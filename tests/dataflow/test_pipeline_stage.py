@@ -60,7 +60,9 @@ def test_two_layer_stages_equal_one_on_both_runners(tiny: Path, ray_local) -> No
 
 def test_later_stages_are_ray_actors_placed_by_stage_resources(tiny: Path, ray_local) -> None:
     spec = _spec(tiny, _records()[:2], stages=2, stage_resources=[{}, {"no_such_node": 1}])
-    spec.runner.start_timeout_s = 8  # the layer stages get half
+    # The layer stages get half; the other half covers starting the first stage and loading its
+    # model, which takes well over 4 s on a loaded 2-core machine.
+    spec.runner.start_timeout_s = 40
     with pytest.raises(RuntimeError, match=r"layer stage actors were not placed.*no_such_node"):
         run_job(spec, runner="ray")
 
