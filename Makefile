@@ -26,8 +26,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -m "not slow and not cluster"
-	# multi-node Ray clusters cannot share the first process's ray.init(): their own process.
-	$(PY) -m pytest -q -m "cluster" || [ $$? -eq 5 ]
+	# Multi-node Ray clusters cannot share the first process's ray.init(): their own process.
+	# The `ray start` cluster of tests/e2e runs in a process of its own too: after an in-process
+	# ray.cluster_utils.Cluster its job's workers failed to start on a fresh clone.
+	$(PY) -m pytest -q -m "cluster" --ignore=tests/e2e || [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m "cluster" tests/e2e || [ $$? -eq 5 ]
 
 test-all: setup
 	$(PY) -m pytest -q
