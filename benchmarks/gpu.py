@@ -59,7 +59,7 @@ def sync() -> None:
 
 def reset_peak() -> None:
     if DEVICE == "cuda":
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def timed(fn: Callable[[], Any], repeats: int = 3) -> float:

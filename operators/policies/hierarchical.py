@@ -37,10 +37,11 @@ class _Level:
 
 def _merge_oldest(level: _Level, factor: int) -> tuple[_Level, _Level]:
     """(the oldest `factor` summaries pooled into one, the rest)."""
-    w = level.n[:factor]
+    w = level.n[:factor]  # bookkeeping stays on the CPU; the summaries live where the cache does
     tot = w.sum()
-    k = (level.k[:, :factor] * w[None, :, None]).sum(1, keepdim=True) / tot
-    v = (level.v[:, :factor] * w[None, :, None]).sum(1, keepdim=True) / tot
+    wd = w.to(level.k.device)[None, :, None]
+    k = (level.k[:, :factor] * wd).sum(1, keepdim=True) / tot.to(level.k.device)
+    v = (level.v[:, :factor] * wd).sum(1, keepdim=True) / tot.to(level.k.device)
     return (_Level(k, v, tot[None], level.start[:1]),
             _Level(level.k[:, factor:], level.v[:, factor:], level.n[factor:], level.start[factor:]))
 

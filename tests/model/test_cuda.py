@@ -80,7 +80,7 @@ def test_bf16_cuda_error_bounded_by_transformers_bf16(llama_folder: Path) -> Non
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_policies_on_cuda_match_cpu(llama_folder: Path, policy: str) -> None:
     """Each KV policy, driven past its budget on the GPU, gives the CPU run's logits (fp32)."""
-    cpu = Engine.load(llama_folder, block_size=4, prefill_chunk=8)
+    cpu = Engine.load(llama_folder, device="cpu", block_size=4, prefill_chunk=8)
     gpu = Engine.load(llama_folder, device="cuda", dtype=torch.float32, block_size=4, prefill_chunk=8)
     feeds = [_ids(37, 3)] + [_ids(1, 100 + i) for i in range(20)]
     a, b = cpu.session("s", policy=POLICIES[policy]), gpu.session("s", policy=POLICIES[policy])
@@ -132,7 +132,7 @@ def test_greedy_generation_batched_equals_alone_on_cuda(llama_folder: Path) -> N
 
 def test_saved_cuda_session_restores_exactly_on_cuda_and_on_cpu(llama_folder: Path) -> None:
     gpu = Engine.load(llama_folder, device="cuda", dtype=torch.float32, block_size=4)
-    cpu = Engine.load(llama_folder, block_size=4)
+    cpu = Engine.load(llama_folder, device="cpu", block_size=4)
     s = gpu.session("s")
     s.feed(_ids(30, 4))
     blob = s.save()
