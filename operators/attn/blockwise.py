@@ -84,15 +84,62 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, i
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    if q.device.type == "cuda" and q.dtype in CUDA_KERNEL_DTYPES and q.shape[-1] <= 256:
+        return _fused_cuda(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
     return _matmul_attention(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
 
 
+CUDA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # fp32/fp64 take the exact portable tile
+MASK_ALIGN = 16  # the memory-efficient kernel reads the bias in rows aligned to 16 elements
+
+
+def _fused_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool,
+                attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernels that return the lse: FlashAttention-2 without a mask, the memory-efficient
+    kernel with an additive mask. Both are O(Tq + Tk) in memory."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if attn_mask is None and d % 8 == 0:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False,
+                                                                      scale=scale)[:2]
+    else:
+        bias = None
+        if attn_mask is not None:
+            pad = -tk % MASK_ALIGN
+            m = attn_mask.to(q.dtype)
+            m = torch.nn.functional.pad(m, (0, pad))[..., :tk] if pad else m.contiguous()
+            bias = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).expand(b, h, tq, tk)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, is_causal,
+                                                                          scale=scale)[:2]
+        lse = lse[..., :tq]
+    if attn_mask is not None or tk == 0:  # a query that sees no key: out 0, lse -inf (the contract)
+        dead = ~torch.isfinite(lse)
+        out = out.masked_fill(dead[..., None], 0.0)
+        lse = lse.masked_fill(dead, float("-inf"))
+    return out, lse
+
+
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool,
-                      attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Portable tile: scores, softmax, values (used off CPU, where no lse-returning kernel is public)."""
+                      attn_mask: torch.Tensor | None, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Portable tile: scores, softmax, values, `rows` queries at a time (memory O(rows * Tk));
+    used where no lse-returning kernel serves (fp64 off the CPU, other devices)."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tq > rows:
+        parts = []
+        for i0 in range(0, tq, rows):
+            i1 = min(i0 + rows, tq)
+            mask = None if attn_mask is None else attn_mask[..., i0:i1, :]
+            if is_causal:  # top-left aligned: query i sees keys j <= i
+                tri = torch.zeros(i1 - i0, tk, dtype=q.dtype, device=q.device).masked_fill_(
+                    torch.arange(tk, device=q.device)[None, :] > torch.arange(i0, i1, device=q.device)[:, None],
+                    float("-inf"))
+                mask = tri if mask is None else mask + tri
+            parts.append(_matmul_attention(q[..., i0:i1, :], k, v, scale=scale, is_causal=False, attn_mask=mask,
+                                           rows=rows))
+        return torch.cat([o for o, _ in parts], dim=-2), torch.cat([l for _, l in parts], dim=-1)
     s = (q @ k.transpose(-1, -2)).to(torch.float64 if q.dtype == torch.float64 else torch.float32) * scale
     if is_causal:
-        tq, tk = s.shape[-2:]
         s = s.masked_fill(torch.ones(tq, tk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     if attn_mask is not None:
         s = s + attn_mask.float()

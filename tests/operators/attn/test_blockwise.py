@@ -165,9 +165,10 @@ def test_sliding_window_is_linear_in_length() -> None:
 @given(case=case_st())
 @settings(max_examples=15)
 def test_portable_kernel_matches_reference(case: Case) -> None:
-    """The matmul tile used off CPU (no public lse-returning kernel there) is exact too."""
+    """The matmul tile used where no lse-returning kernel serves is exact too, also when it splits
+    the queries into row chunks (5 rows here, so most cases split)."""
     def portable(q, k, v, *, scale, is_causal=False, attn_mask=None):
-        return blockwise._matmul_attention(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
+        return blockwise._matmul_attention(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask, rows=5)
 
     q, k, v = case.tensors(torch.float64)
     with pytest.MonkeyPatch.context() as mp:
@@ -189,6 +190,43 @@ def test_cuda_matches_reference(case: Case, dtype: torch.dtype) -> None:
     assert_close(out, r_out)
     assert_close(_finite(lse), _finite(r_lse), dtype=dtype)
     assert_close(mass, r_mass, dtype=dtype)
+
+
+@pytest.mark.gpu
+@given(case=case_st(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+@settings(max_examples=10)
+def test_cuda_low_precision_kernels_bounded_by_torch_error(case: Case, dtype: torch.dtype) -> None:
+    """fp16/bf16 on CUDA run the fused kernels (flash, memory-efficient with a mask): their error vs
+    the fp32 reference is within a small multiple of the plain low-precision reference's own error."""
+    q, k, v = case.tensors(torch.float32, device="cuda")
+    ref, ref_lse = naive.attention(q, k, v, **case.kwargs(), return_lse=True)
+    low = [x.to(dtype) for x in (q, k, v)]
+    out, lse = attention(*low, **case.kwargs(), return_lse=True)
+    plain, plain_lse = naive.attention(*low, **case.kwargs(), return_lse=True)
+    assert out.dtype == dtype
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # queries that see no key: lse -inf, out 0
+    assert not out[torch.isinf(lse)].any()
+    assert_lowp_close(out, plain, ref, factor=3.0, floor=1e-2)
+    assert_lowp_close(_finite(lse), _finite(plain_lse), _finite(ref_lse), factor=3.0, floor=1e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_long_causal_memory_is_linear() -> None:
+    """32K tokens causal in bf16: peak memory stays near the inputs (no [T, T] scores), and the
+    result equals torch SDPA's within bf16 tolerance."""
+    t = 32768
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 9, t, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 3, t, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = attention(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 8 * q.numel() * q.element_size(), f"{extra / 2**20:.0f} MiB beyond the inputs"
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert_close(out, want)
 
 
 @given(tq=st.integers(60, 400), cache=st.sampled_from([0, 1, 37, 300]), window=st.integers(1, 90),
