@@ -224,6 +224,13 @@ def attention_cells(lengths: tuple[int, ...]) -> list[dict[str, Any]]:
                          vs_peer=t_sdpa / t_ours, tflops=flops / t_ours / 1e12, peak_mib=mem,
                          peer_peak_mib=peak_mib(), max_abs_diff=float((out.float() - ref.float()).abs().max())))
         print(rows[-1], flush=True)
+        if t == max(lengths):  # the sliding window at the longest length (the peer does full causal)
+            torch.cuda.reset_peak_memory_stats() if DEVICE == "cuda" else None
+            w = min(4096, t // 2)
+            t_win = timed(lambda: attention(q, k, v, causal=True, window=w, sinks=4), repeats=5)
+            rows.append(dict(cell=f"attention_window{w}_sinks4_{t}", ms=t_win * 1e3, peer_ms=t_sdpa * 1e3,
+                             vs_peer=t_sdpa / t_win, peak_mib=peak_mib()))
+            print(rows[-1], flush=True)
     return rows
 
 
