@@ -84,7 +84,7 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, i
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
-    if q.device.type == "cuda" and q.dtype in CUDA_KERNEL_DTYPES and q.shape[-1] <= 256:
+    if q.device.type == "cuda" and q.dtype in CUDA_KERNEL_DTYPES and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0:
         return _fused_cuda(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
     return _matmul_attention(q, k, v, scale=scale, is_causal=is_causal, attn_mask=attn_mask)
 
@@ -96,11 +96,11 @@ MASK_ALIGN = 16  # the memory-efficient kernel reads the bias in rows aligned to
 def _fused_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool,
                 attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA kernels that return the lse: FlashAttention-2 without a mask, the memory-efficient
-    kernel with an additive mask. Both are O(Tq + Tk) in memory."""
+    kernel with an additive mask. Both are O(Tq + Tk) in memory; both need D a multiple of 8."""
     b, h, tq, d = q.shape
     tk = k.shape[2]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if attn_mask is None and d % 8 == 0:
+    if attn_mask is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False,
                                                                       scale=scale)[:2]
     else:
