@@ -16,6 +16,7 @@ import torch
 
 from streamctx import Engine
 from tests.fixtures.tiny_models import make_tiny_llama, make_tiny_mamba, reference_logits
+from tests.model.test_batching import POLICIES as BATCH_POLICIES
 from tests.tolerances import assert_close, assert_lowp_close
 
 pytestmark = pytest.mark.gpu
@@ -24,15 +25,10 @@ VOCAB = 173
 ATOL = 1e-4  # fp32 max abs logit difference vs transformers, as on CPU
 LOGIT_SCALE = 10.0  # batched vs one at a time: fp32 tolerance x 10 (reduction order differs)
 
-POLICIES: dict[str, Any] = {
-    "full": "full",
-    "sink_window": {"name": "sink_window", "sinks": 2, "window": 10, "slack": 2},
-    "heavy_hitter": {"name": "heavy_hitter", "heavy": 6, "recent": 6, "slack": 2},
-    "snapkv": {"name": "snapkv", "selected": 6, "window": 6, "observe_window": 3, "slack": 2},
-    "retrieval": {"name": "retrieval", "sinks": 2, "window": 8, "topk": 1, "block": 4, "q_group": 4, "slack": 3},
+POLICIES: dict[str, Any] = {  # the policies of the batching tests, plus hierarchical
+    **BATCH_POLICIES,
     "hierarchical": {"name": "hierarchical", "sinks": 2, "window": 8, "group": 4, "factor": 2, "per_level": 4,
                      "levels": 2, "slack": 3},
-    "compressive": {"name": "compressive", "sinks": 2, "window": 10, "slack": 2},
 }
 
 
