@@ -40,6 +40,7 @@ from streamctx.kv.cache import SessionKV
 from streamctx.kv.pool import BlockPool
 from streamctx.model.config import LlamaConfig
 from streamctx.model.functional import Weights, rms_norm
+from streamctx.model.linear import linear
 from streamctx.model.ops import attention
 from streamctx.model.rope import Rope, apply_rope, rerotate
 from streamctx.operators.policies.base import CachePolicy
@@ -199,7 +200,7 @@ class LlamaModel:
         rope_prev: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv).view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
+            qkv = linear(h, layer.w_qkv, layer.b_qkv).view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
             a: torch.Tensor | None = None
             if group:
                 rope_at = [cc.layers[li].next_rope for cc in g_caches]
@@ -257,10 +258,10 @@ class LlamaModel:
                 off += n
             if a is None:
                 a = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + F.linear(a, layer.w_o, layer.b_o)
+            x = x + linear(a, layer.w_o, layer.b_o)
             h = rms_norm(x, layer.ln_mlp, c.rms_norm_eps)
-            gate = F.linear(h, layer.w_gate, layer.b_gate)  # [N, I]
-            x = x + F.linear(F.silu(gate).mul_(F.linear(h, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
+            gate = linear(h, layer.w_gate, layer.b_gate)  # [N, I]
+            x = x + linear(F.silu(gate).mul_(linear(h, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
         for (cache, _), n in zip(batch, lens):
             cache.n_fed += n
         return x
@@ -273,7 +274,7 @@ class LlamaModel:
             rows.append(x[off:off + n] if flag else x[off + n - 1:off + n])
             off += n
         sel = rows[0] if len(rows) == 1 else torch.cat(rows)
-        logits = F.linear(rms_norm(sel, self.norm, c.rms_norm_eps), self.lm_head)  # [R, V]
+        logits = linear(rms_norm(sel, self.norm, c.rms_norm_eps), self.lm_head)  # [R, V]
         out, off = [], 0
         for r, flag in zip(rows, flags):
             m = r.shape[0]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from streamctx.model.config import MambaConfig
 from streamctx.model.functional import Weights, rms_norm
+from streamctx.model.linear import linear
 from streamctx.model.ops import selective_scan
 from streamctx.operators.policies.base import CachePolicy
 from streamctx.state import StateBlob
@@ -126,7 +127,7 @@ class MambaModel:
         inner, n_state, rank = c.intermediate_size, c.state_size, c.time_step_rank
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.norm, c.layer_norm_epsilon)
-            xz = F.linear(h, layer.w_in, layer.b_in)  # [N, 2 I]
+            xz = linear(h, layer.w_in, layer.b_in)  # [N, 2 I]
             outs = []
             off = 0
             for (state, _), n in zip(batch, lens):
@@ -134,9 +135,9 @@ class MambaModel:
                 off += n
                 u, z = seg[:inner], seg[inner:]
                 u = self._conv(u, layer, state, li)  # [I, n]
-                dbc = F.linear(u.t(), layer.w_x)  # [n, R + 2 N]
+                dbc = linear(u.t(), layer.w_x)  # [n, R + 2 N]
                 dt, bb, cc = torch.split(dbc, [rank, n_state, n_state], dim=-1)
-                delta = F.linear(dt, layer.w_dt)  # [n, I]; bias goes in the scan as delta_bias
+                delta = linear(dt, layer.w_dt)  # [n, I]; bias goes in the scan as delta_bias
                 y, state.ssm[li] = selective_scan(
                     u[None], delta.t()[None], layer.A, bb.t()[None], cc.t()[None], layer.D, z[None],
                     delta_bias=layer.b_dt, delta_softplus=True, initial_state=state.ssm[li][None],
@@ -144,7 +145,7 @@ class MambaModel:
                 )
                 outs.append(y[0].t())  # [n, I]
             y_all = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + F.linear(y_all, layer.w_out, layer.b_out)
+            x = x + linear(y_all, layer.w_out, layer.b_out)
         for (state, _), n in zip(batch, lens):
             state.n_fed += n
         rows, off = [], 0
@@ -152,7 +153,7 @@ class MambaModel:
             rows.append(x[off:off + n] if flag else x[off + n - 1:off + n])
             off += n
         sel = rows[0] if len(rows) == 1 else torch.cat(rows)
-        logits = F.linear(rms_norm(sel, self.norm_f, c.layer_norm_epsilon), self.lm_head)
+        logits = linear(rms_norm(sel, self.norm_f, c.layer_norm_epsilon), self.lm_head)
         out, off = [], 0
         for r, flag in zip(rows, flags):
             out.append(logits[off:off + r.shape[0]] if flag else logits[off])

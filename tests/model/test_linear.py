@@ -1,0 +1,105 @@
+"""`streamctx.model.linear.linear` (row-chunked CPU products) against `F.linear`, its reference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamctx.model import linear as linear_mod
+from streamctx.model.linear import MAX_ROWS, linear, split_chunks, split_linear
+from tests.tolerances import assert_close
+
+
+@pytest.fixture(scope="module")
+def two_threads() -> Iterator[None]:
+    """The split path runs only with >= 2 torch threads (any machine can be told 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _inputs(m: int, k: int, n: int, seed: int, strided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(m, 2 * k if strided else k, generator=g)
+    return (x[:, ::2] if strided else x), w  # a strided x: [M, K] with column stride 2
+
+
+@given(m=st.sampled_from([1, 2, 3, 5, 7, 8, 13, 16, 31, 64, 65, 97]),
+       k=st.sampled_from([1, 7, 64, 97, 576]),
+       n=st.sampled_from([1, 17, 31, 32, 127, 128, 129, 960, 1001]),
+       bias=st.booleans(), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_matches_f_linear(two_threads: None, m: int, k: int, n: int, bias: bool, strided: bool,
+                                 seed: int) -> None:
+    x, w = _inputs(m, k, n, seed, strided)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)) if bias else None
+    out = linear(x, w, b)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert_close(out, F.linear(x, w, b))
+    assert_close(out.double(), F.linear(x.double(), w.double(), None if b is None else b.double()),
+                 dtype=torch.float32)
+
+
+@pytest.mark.parametrize("m", [1, 4, MAX_ROWS])
+@pytest.mark.parametrize("n", [960, 1001])  # 1001: chunks plus a remainder of rows
+def test_split_path_is_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch, m: int, n: int) -> None:
+    """The chunked batched matmul really runs (F.linear only for a remainder of rows), and
+    equals F.linear; with the path switched off it is F.linear on the whole product."""
+    calls: list[tuple[int, ...]] = []
+    real = F.linear
+
+    def spy(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(tuple(w.shape))
+        return real(x, w, b)
+
+    x, w = _inputs(m, 96, n, 0, strided=False)
+    expected = real(x, w)
+    chunks = split_chunks(m, n, 2)
+    assert chunks >= 2
+    monkeypatch.setattr(linear_mod.F, "linear", spy)
+    out = linear(x, w)
+    assert calls == ([] if n % chunks == 0 else [(n % chunks, 96)])
+    assert_close(out, expected)
+    calls.clear()
+    with split_linear(False):
+        off = linear(x, w)
+    assert calls == [(n, 96)]
+    assert torch.equal(off, expected)
+
+
+def test_when_the_split_applies() -> None:
+    assert split_chunks(1, 49152, 2) == 8
+    assert split_chunks(MAX_ROWS, 576, 2) == 8
+    assert split_chunks(MAX_ROWS + 1, 576, 2) == 0  # larger products: F.linear's own threading
+    assert split_chunks(1, 576, 1) == 0  # one thread: nothing to spread over
+    assert split_chunks(1, 40, 2) == 2 and split_chunks(1, 31, 2) == 0  # chunks of >= 16 rows
+    assert split_chunks(0, 576, 2) == 0
+
+
+def test_plain_path_is_f_linear_bit_for_bit(two_threads: None) -> None:
+    """Larger products, other dtypes and anything autograd must see run F.linear itself."""
+    x, w = _inputs(MAX_ROWS + 1, 64, 128, 1, strided=False)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    xd, wd = x[:2].double(), w.double()
+    assert torch.equal(linear(xd, wd), F.linear(xd, wd))
+    wg = w.clone().requires_grad_()
+    y = linear(x[:1], wg)
+    assert y.requires_grad and torch.equal(y, F.linear(x[:1], wg))
+    y.sum().backward()
+    assert wg.grad is not None and torch.equal(wg.grad, x[:1].expand(128, 64))
+    x3 = torch.randn(2, 3, 64)
+    assert torch.equal(linear(x3, w), F.linear(x3, w))
+
+
+def test_inference_mode_and_transposed_weight(two_threads: None) -> None:
+    x, w = _inputs(3, 64, 256, 2, strided=False)
+    with torch.inference_mode():
+        assert_close(linear(x, w), F.linear(x, w))
+    wt = w.t().contiguous().t()  # non-contiguous weight: the plain path, no hidden copy
+    assert torch.equal(linear(x, wt), F.linear(x, wt))
