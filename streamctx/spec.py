@@ -131,14 +131,37 @@ class MemorySpec(_Section):
     """Where the model stage keeps session state (streamctx.tiering). Without `device_budget`
     every session stays live in the engine. With it, at most `max_live_sessions` per replica are
     live; the others are snapshots that the memory-budget scheduler places on the device tier (up
-    to `device_budget` bytes), the host tier (`host_budget`; unbounded when unset), then disk
-    (a private folder under `spill_dir`, default the system temp folder; a relative path is taken
-    from the spec's folder and may not leave it). Sizes are bytes or strings like "512MiB"."""
+    to `device_budget` bytes), the host tier (`host_budget`; unbounded when unset), the peer tier,
+    then disk (a private folder under `spill_dir`, default the system temp folder; a relative path
+    is taken from the spec's folder and may not leave it). Sizes are bytes or strings like "512MiB".
+
+    Peer tier (`peer_budget`, needs `host_budget`): up to `peer_budget` bytes per model replica in
+    `peer_stores` (default 1) state-store actors, each of `peer_budget / peer_stores` bytes, spread
+    over the Ray nodes other than the replica's own. On a single node (or the local runner) the
+    peer tier is left out with a logged reason and host spills to disk. If a node holding peer
+    state is lost, the job restores every replica from the last checkpoint and replays
+    (`checkpoint.enabled`; without checkpoints the job fails with `StateLostError`), and lost stores
+    are replaced on the surviving nodes."""
 
     device_budget: Optional[ByteSize] = None
     host_budget: Optional[ByteSize] = None
+    peer_budget: Optional[ByteSize] = None
+    peer_stores: Optional[int] = Field(default=None, ge=1, le=MAX_ACTORS)
     spill_dir: Optional[str] = None
     max_live_sessions: int = Field(default=8, ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MemorySpec":
+        if self.peer_stores is not None and self.peer_budget is None:
+            raise ValueError("peer_stores needs peer_budget (the peer tier's bytes per model replica)")
+        if self.peer_budget is not None:
+            if self.device_budget is None or self.host_budget is None:
+                raise ValueError("peer_budget needs device_budget and host_budget: sessions reach the peer "
+                                 "tier only when a bounded host tier spills")
+            if self.peer_budget < (self.peer_stores or 1):
+                raise ValueError(f"peer_budget of {int(self.peer_budget)} bytes is less than one byte per "
+                                 f"store ({self.peer_stores or 1} peer_stores)")
+        return self
 
 
 class SchedulerSpec(_Section):

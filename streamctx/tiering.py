@@ -27,11 +27,17 @@ outputs as one that never left the engine, up to one difference in how work is c
 flushes a pending generated token (a one-token forward) that a never-saved session would feed
 together with its next input (DESIGN contract 8: same tokens, logits within tolerance).
 
+Lost state: when a tier loses a spilled state (a peer store's node died), using the session, a
+snapshot or a demotion that reads it raises `StateLostError`; the session never continues from
+empty state. `restore()` (from a checkpoint) forgets every session and has the tiers replace lost
+stores (`replace_lost`).
+
 Not thread-safe (the engine is not); the scheduler's background prefetcher is.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -42,6 +48,8 @@ from streamctx.schedulers.memory_budget import MemoryBudgetScheduler
 from streamctx.state import StateBlob
 
 __all__ = ["TieredSessions", "tiered_sessions"]
+
+log = logging.getLogger(__name__)
 
 
 class TieredSessions:
@@ -60,6 +68,7 @@ class TieredSessions:
         self._counts = dict.fromkeys(["new", "checkouts", "releases", "auto_releases", "closes"], 0)
         self._save_s = 0.0
         self._restore_s = 0.0
+        self.peer_unavailable: str | None = None  # why a configured peer tier was left out
 
     # ---- the engine-facing API -----------------------------------------------------------------
     def session(self, session_id: str) -> Session:
@@ -92,17 +101,20 @@ class TieredSessions:
                 self.release(session_id)
 
     def release(self, session_id: str) -> None:
-        """Spill a live session now: its exact state goes to the scheduler, its KV back to the pool."""
-        s = self._live.pop(session_id, None)
+        """Spill a live session now: its exact state goes to the scheduler, its KV back to the pool.
+        If the scheduler cannot take it (a full or failed tier), the session stays live."""
+        s = self._live.get(session_id)
         if s is None:
             raise KeyError(f"session {session_id!r} is not live")
         if s.closed:  # closed by its user: nothing to keep
+            del self._live[session_id]
             self._forget(session_id)
             return
         t0 = time.perf_counter()
         blob = StateBlob.from_bytes(s.save())
-        s.close()
         self.scheduler.admit(session_id, blob)
+        del self._live[session_id]
+        s.close()
         self._save_s += time.perf_counter() - t0
         self._counts["releases"] += 1
 
@@ -140,9 +152,14 @@ class TieredSessions:
         return out
 
     def restore(self, states: dict[str, bytes]) -> None:
-        """Forget every session, then take `states` (from `snapshot`) as spilled sessions."""
+        """Forget every session (lost states included), have the tiers replace stores they lost,
+        then take `states` (from `snapshot`) as spilled sessions."""
         for sid in [*self._live, *self.scheduler.sessions()]:
             self.close(sid)
+        for tier in self.scheduler.tiers:
+            replace_lost = getattr(tier, "replace_lost", None)
+            if callable(replace_lost):
+                replace_lost()
         for sid, data in states.items():
             self.scheduler.admit(sid, StateBlob.from_bytes(data))
 
@@ -180,6 +197,9 @@ class TieredSessions:
             stall_s=st["stall_s"] + self._restore_s,
             **self._counts,
         )
+        peer = [t.peer_stats() for t in self.scheduler.tiers if callable(getattr(t, "peer_stats", None))]
+        if peer or self.peer_unavailable is not None:
+            st["peer"] = peer[0] if peer else {"unavailable": self.peer_unavailable, "stores": 0}
         return st
 
     # ---- internals -----------------------------------------------------------------------------
@@ -216,26 +236,46 @@ class TieredSessions:
 
 
 def tiered_sessions(engine: Engine, device_budget: int, *, host_budget: int | None = None,
-                    peer_stores: Sequence[Any] = (), spill_dir: str | None = None, max_live: int = 1,
+                    peer_budget: int | None = None, peer_stores: int = 1, peer_tier: Any = None,
+                    spill_dir: str | None = None, max_live: int = 1,
                     background_prefetch: bool = False) -> TieredSessions:
     """`TieredSessions` over the usual tiers: device (`device_budget` bytes), host (`host_budget`,
-    None: unbounded, then nothing goes further), peer (when `peer_stores`, state-store actors from
-    `spawn_state_stores`) and disk (a private spill directory under `spill_dir`, or the system temp
-    dir). Placement: lookahead over LRU. The caller closes `.scheduler` (and the disk tier, via
-    `.close_tiers()`) when done."""
+    None: unbounded, then nothing goes further), peer, and disk (a private spill directory under
+    `spill_dir`, or the system temp dir). Placement: lookahead over LRU.
+
+    Peer tier (needs a bounded host tier): `peer_tier`, a `PeerTier` over stores the caller placed;
+    or `peer_budget` bytes over `peer_stores` state-store actors that `PeerTier.on_other_nodes`
+    spreads over the Ray nodes other than this process's. Where there is no other node (a single
+    node, or no Ray in this process) the peer tier is left out, host spills straight to disk, and
+    the reason is logged and reported in `stats()["peer"]["unavailable"]`.
+
+    The caller closes the tiers when done (`.close_tiers()`: the prefetcher, the spill directory,
+    the peer stores this call started)."""
     from streamctx.schedulers.placement import LRU, Lookahead
     from streamctx.storage import DiskTier, MemoryTier
 
+    if (peer_budget is not None or peer_tier is not None) and host_budget is None:
+        raise ValueError("a peer tier needs a host_budget: with an unbounded host tier nothing spills further")
+    if peer_budget is not None and peer_tier is not None:
+        raise ValueError("give either peer_budget (stores placed on other nodes) or peer_tier, not both")
+    unavailable = None
+    if peer_budget is not None:
+        from streamctx.storage.peer import PeerTier, PeerUnavailableError
+
+        try:
+            peer_tier = PeerTier.on_other_nodes(int(peer_budget), peer_stores)
+        except PeerUnavailableError as exc:
+            unavailable = str(exc)
+            log.warning("peer tier left out: %s; sessions spill from host straight to disk", exc)
     tiers: list[Any] = [MemoryTier("device", engine.model.device, device_budget),
                         MemoryTier("host", "cpu", host_budget, pin_memory=True)]
     if host_budget is not None:
-        if peer_stores:
-            from streamctx.storage.peer import PeerTier
-
-            tiers.append(PeerTier(list(peer_stores)))
+        if peer_tier is not None:
+            tiers.append(peer_tier)
         tiers.append(DiskTier(spill_dir))
     sched = MemoryBudgetScheduler(tiers, Lookahead(LRU()))
     if background_prefetch:
         sched.start_prefetcher()
-    return TieredSessions(engine, sched, max_live=max_live)
-
+    tiered = TieredSessions(engine, sched, max_live=max_live)
+    tiered.peer_unavailable = unavailable
+    return tiered

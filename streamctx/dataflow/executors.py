@@ -21,6 +21,7 @@ from typing import Any, Optional
 from streamctx.dataflow.checkpoint import CheckpointError, CheckpointStore, Manifest
 from streamctx.dataflow.plan import StagePlan
 from streamctx.dataflow.stages import Envelope, StageHost
+from streamctx.storage.base import StateLostError
 
 
 def snapshot_host(host: StageHost, store: CheckpointStore, ckpt_id: int, stage_index: int,
@@ -82,8 +83,9 @@ class LocalExecutor:
                 restore_host(h, store, manifest, k, r)
 
     def is_failure(self, exc: BaseException) -> bool:
-        """In-process stages never crash apart from the driver: nothing here is recoverable."""
-        return False
+        """In-process stages never crash apart from the driver; only state lost with a peer node
+        (`StateLostError`) is recovered from a checkpoint."""
+        return isinstance(exc, StateLostError)
 
     def recover(self) -> int:
         return 0
@@ -256,11 +258,12 @@ class RayExecutor:
                       for k, acts in enumerate(self.actors) for r, a in enumerate(acts)])
 
     def is_failure(self, exc: BaseException) -> bool:
-        """A lost actor, node or object: recoverable from a checkpoint (a stage's own errors are
-        dead-lettered inside the actor and never get here)."""
+        """A lost actor, node or object, or session state lost with a peer node (`StateLostError`
+        raised in a stage): recoverable from a checkpoint (a stage's own errors are dead-lettered
+        inside the actor and never get here)."""
         ex = self.ray.exceptions
         lost = (ex.RayActorError, ex.ObjectLostError, ex.OwnerDiedError, ex.ActorUnavailableError,
-                ex.NodeDiedError, ex.WorkerCrashedError)
+                ex.NodeDiedError, ex.WorkerCrashedError, StateLostError)
         if isinstance(exc, ex.RayTaskError):
             return isinstance(getattr(exc, "cause", None), lost)
         return isinstance(exc, lost)

@@ -102,6 +102,15 @@ class _Recovery:
                 "failures": list(self.errors)}
 
 
+def _failure_line(exc: BaseException) -> str:
+    """One line naming a failure: for an error raised inside a stage actor, the stage's own error
+    (`StateLostError: the state of session ...`), not Ray's wrapper."""
+    cause = getattr(exc, "cause", None)
+    err = cause if isinstance(cause, BaseException) else exc
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _out_key(row: dict[str, Any]) -> tuple[Any, ...]:
     """An output row's identity: the record it answers (offset, session, turn)."""
     return (row["offset"], "out", row["session_id"], row["turn"])
@@ -263,7 +272,7 @@ class _Driver:
         if rec.count >= self.ckpt.max_recoveries:
             raise CheckpointError(f"giving up after {rec.count} recoveries (checkpoint.max_recoveries)") from exc
         rec.count += 1
-        rec.errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        rec.errors.append(_failure_line(exc))
         rec.replaced += self.ex.recover()
         assert self.store is not None
         self.ex.restore(self.store, rec.last)

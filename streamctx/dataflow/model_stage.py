@@ -8,6 +8,11 @@ records are submitted to the engine together and run with continuous batching (`
 still run in turn order, and the results are those of one-at-a-time runs. A record the engine
 rejects is dead-lettered alone; the batch goes on. Sessions are closed (KV blocks back to
 the pool) when the host ends them: `end` record, idle TTL, or end of stream.
+
+Under `scheduler.memory` the sessions are tiered (`streamctx.tiering`), with an optional peer tier of
+state stores on other nodes (`peer_budget`). A spilled state that is lost with its node raises
+`StateLostError` out of the stage (not dead-lettered): the runtime restores every replica from the
+last checkpoint and replays, as for a crashed actor.
 """
 
 from __future__ import annotations
@@ -66,8 +71,11 @@ class ModelStage:
                 root = Path(spill) if Path(spill).is_absolute() else Path(base_dir) / spill
                 root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the tier makes a private folder inside
                 spill = str(root)
+            peer = memory.get("peer_budget")
             self.tiered = tiered_sessions(self.engine, int(memory["device_budget"]),
                                           host_budget=memory.get("host_budget"), spill_dir=spill,
+                                          peer_budget=None if peer is None else int(peer),
+                                          peer_stores=int(memory.get("peer_stores") or 1),
                                           max_live=int(memory.get("max_live_sessions") or 8))
 
     def process_dead(self, batch: pa.RecordBatch) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]]]:

@@ -5,8 +5,10 @@ A stage is any object with `process(batch: pa.RecordBatch) -> pa.RecordBatch | N
 session hook is stateless and skips the lifecycle bookkeeping. A `StageHost` wraps
 one replica of it with the session lifecycle: it ends a session's state in the stage on an `end`
 record, when the segment stage marks a new incarnation (`_fresh`, after an idle TTL), and when a
-session has been idle past the TTL; it dead-letters the batch when the stage raises; it accounts
-live sessions and their bytes. The same host runs in-process (local runner) and inside a Ray actor.
+session has been idle past the TTL; it dead-letters the batch when the stage raises (except
+`StateLostError`: state lost with a peer node fails the call, and the runtime recovers the job from
+its last checkpoint); it accounts live sessions and their bytes. The same host runs in-process
+(local runner) and inside a Ray actor.
 
 The built-in `SegmentStage` is the lifecycle authority: turn order, duplicates, idle TTLs.
 
@@ -29,6 +31,7 @@ import pyarrow.compute as pc
 from streamctx.dataflow.records import CORE_NAMES, dead_row
 from streamctx.spec import SessionsSpec
 from streamctx.state import StateBlob
+from streamctx.storage.base import StateLostError
 
 HOST_STATE_KIND = "streamctx.stage_host"
 
@@ -168,6 +171,8 @@ class StageHost:
                     dead += more
                 else:
                     out = self.stage.process(batch)
+            except StateLostError:  # state gone with a peer node: recovered from a checkpoint, never dead-lettered
+                raise
             except Exception as exc:  # a user stage's failure dead-letters its batch; the job goes on
                 self.errors += 1
                 out = None

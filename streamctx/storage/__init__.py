@@ -4,7 +4,7 @@ Every store moves state bit-exactly (DESIGN.md contract 4) and accounts its byte
 scheduler (`streamctx.schedulers.memory_budget`) decides what lives where.
 """
 
-from .base import StorageError, TierFullError, TierStore, storage_nbytes
+from .base import StateLostError, StorageError, TierFullError, TierStore, storage_nbytes
 from .disk import DiskTier
 from .memory import MemoryTier
 from .packing import pack_blob, unpack_blob
@@ -12,6 +12,7 @@ from .packing import pack_blob, unpack_blob
 __all__ = [
     "DiskTier",
     "MemoryTier",
+    "StateLostError",
     "StorageError",
     "TierFullError",
     "TierStore",

@@ -17,6 +17,14 @@ class TierFullError(StorageError):
     """The tier (and every tier below it) has no room for the state."""
 
 
+class StateLostError(RuntimeError):
+    """State a tier held can no longer be read (its store or node is gone, or did not answer in
+    time); the session must be rebuilt from a checkpoint, never continued from empty state.
+
+    Not a `StorageError`: no caller still holds the state. The dataflow runtime treats it like a
+    crashed actor (restore every replica from the last checkpoint and replay)."""
+
+
 class TierStore(Protocol):
     """A keyed store of StateBlobs with a byte capacity (None: unbounded)."""
 

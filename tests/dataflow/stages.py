@@ -113,3 +113,22 @@ class Slow:
 class PassThrough:
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         return batch
+
+
+class LoseStateOnce(History):
+    """`History` whose state is "lost" once: the first batch holding a row with text `text` raises
+    `StateLostError`, as a model stage does when its peer-spilled state died with a node. The flag
+    lives outside the snapshot, so after the restore the replay goes through."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.fired = False
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        from streamctx.storage import StateLostError
+
+        if not self.fired and self.text in batch.column("text").to_pylist():
+            self.fired = True
+            raise StateLostError(f"the state of the session sending {self.text!r} was on a lost peer store")
+        return super().process(batch)

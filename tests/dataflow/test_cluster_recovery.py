@@ -8,37 +8,21 @@ The head checks node health every 0.5 s, so the loss is noticed in seconds (Ray'
 
 from __future__ import annotations
 
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.dataflow.clusters import local_cluster, lose_node, stage_pids_on
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        pytest.fail("test_cluster_recovery.py must run in its own pytest process (pytest -m cluster)")
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False,
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                           "health_check_timeout_ms": 500, "health_check_failure_threshold": 3},
-    })
-    nodes = {"node_a": c.add_node(num_cpus=1, resources={"node_a": 8}),
-             "node_b": c.add_node(num_cpus=1, resources={"node_b": 8})}
-    c.wait_for_nodes()
-    ray.init(address=c.address, runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}})
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
+    with local_cluster({"node_a": {"num_cpus": 1, "resources": {"node_a": 8}},
+                        "node_b": {"num_cpus": 1, "resources": {"node_b": 8}}}) as (c, nodes):
+        yield c, nodes
 
 
 def test_lost_node_sessions_are_rebuilt_from_the_checkpoint(cluster, tmp_path: Path) -> None:
@@ -74,19 +58,7 @@ def test_lost_node_sessions_are_rebuilt_from_the_checkpoint(cluster, tmp_path: P
 
     def lose_node_a(p: Any) -> None:
         if not removed and p.records_out >= 200:
-            # A lost machine takes its processes with it at once: remove_node kills the node's Ray
-            # services, and the stage workers placed there are killed with them (Cluster leaves
-            # orphaned workers alive for a while, which could finish the stream on a dead node).
-            ex = executors[0]
-            on_a = {(st.name, r) for st, reps in zip(ex.plan, ex.nodes) for r, nid in enumerate(reps)
-                    if nid == node_a_id}
-            victims = [pid for key, pid in ex.pids().items() if key in on_a]
-            c.remove_node(nodes["node_a"], allow_graceful=False)
-            for pid in victims:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            lose_node(c, nodes["node_a"], stage_pids_on(executors[0], node_a_id))
             removed.append(p.records_out)
 
     res = run_job(spec(tmp_path / "faulty"), runner="ray", on_progress=lose_node_a, on_start=executors.append)
