@@ -120,6 +120,49 @@ def _fused_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: flo
     return out, lse
 
 
+def _flash_window_ok(q: torch.Tensor, spec: _Spec) -> bool:
+    """A sliding window (with sinks) that FlashAttention-2's own window runs: CUDA fp16/bf16, no
+    pattern, and every query's own position among the keys (keys `[0, q_offset + Tq)` at least)."""
+    return (q.device.type == "cuda" and q.dtype in CUDA_KERNEL_DTYPES and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0 and spec.window is not None and spec.pattern is None
+            and spec.q_offset >= 0 and spec.tk >= spec.q_offset + q.shape[2])
+
+
+def _flash_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window keys `(p - w, p]` past the sinks in one flash call, sinks `j < s` (and `j <= p`) in
+    another, merged by lse. Flash aligns its causal mask bottom-right, so with the keys cut at
+    `q_offset + Tq`, query i sees key j <= q_offset + i exactly."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    s, w, end = spec.sinks, spec.window, spec.q_offset + tq
+    assert w is not None
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if end > s:
+        qt = q.transpose(1, 2)  # [B, Tq, Hq, D]: flash's layout; Hq a multiple of Hkv is native
+        kt, vt = (x[:, :, s:end].transpose(1, 2) for x in (k, v))
+        out, lse = torch.ops.aten._flash_attention_forward(
+            qt, kt, vt, None, None, tq, end - s, 0.0, True, False, scale=spec.scale,
+            window_size_left=w - 1, window_size_right=0)[:2]
+        parts.append((out.transpose(1, 2), lse))
+    if s:
+        hi = min(s, end)
+        mask = None
+        if spec.q_offset < hi - 1:  # early queries see only the sinks at or before them
+            j = torch.arange(hi, device=q.device)[None, :]
+            p = torch.arange(spec.q_offset, end, device=q.device)[:, None]
+            mask = _additive(j <= p, q.dtype, hq // hkv)
+        o, l = _fused(_group(q, hkv), k[:, :, :hi], v[:, :, :hi], scale=spec.scale, attn_mask=mask)
+        parts.append((_ungroup(o, hq), _ungroup(l, hq)))
+    out, lse = parts[0]
+    lse = lse.float()
+    dead = ~torch.isfinite(lse)  # flash marks a row with no key by lse +inf: out 0, lse -inf
+    out, lse = out.masked_fill(dead[..., None], 0.0), lse.masked_fill(dead, float("-inf"))
+    for o, l in parts[1:]:
+        out, lse = merge_attention(out, lse, o, l)
+    return out, lse
+
+
 def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_causal: bool,
                       attn_mask: torch.Tensor | None, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Portable tile: scores, softmax, values, `rows` queries at a time (memory O(rows * Tk));
@@ -433,6 +476,8 @@ def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: _Spec, bq: 
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention (window, sinks, pattern) planned per query block."""
     tq = q.shape[2]
+    if _flash_window_ok(q, spec):
+        return _flash_window(q, k, v, spec)
     if tq <= SMALL_TQ:  # decode-sized: key runs stay whole (one call per run)
         p0, p1 = spec.q_offset, spec.q_offset + tq
         segs = _split_small(spec, p0, p1, q.device) if spec.pattern is None else _segments(spec, p0, p1, bk, q.device)

@@ -211,6 +211,24 @@ def test_cuda_low_precision_kernels_bounded_by_torch_error(case: Case, dtype: to
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("q_offset,tq,window,sinks", [(0, 3000, 700, 4), (2500, 500, 700, 4), (2999, 1, 700, 4),
+                                                      (0, 300, 64, 0), (2, 40, 16, 8), (100, 7, 1, 1)])
+def test_cuda_flash_window_matches_reference(q_offset: int, tq: int, window: int, sinks: int) -> None:
+    """Windows with sinks on CUDA bf16 (FlashAttention-2's own window): prefill, chunks after a
+    cache, decode, queries before the sinks end; error bounded like the plain bf16 reference's."""
+    g = torch.Generator(device="cuda").manual_seed(tq + window)
+    q = torch.randn(1, 6, tq, 64, device="cuda", generator=g)
+    k, v = (torch.randn(1, 2, q_offset + tq, 64, device="cuda", generator=g) for _ in range(2))
+    kw = dict(q_offset=q_offset, window=window, sinks=sinks)
+    ref, ref_lse = naive.attention(q, k, v, **kw, return_lse=True)
+    low = [x.bfloat16() for x in (q, k, v)]
+    out, lse = attention(*low, **kw, return_lse=True)
+    plain, plain_lse = naive.attention(*low, **kw, return_lse=True)
+    assert_lowp_close(out, plain, ref, factor=3.0, floor=1e-2)
+    assert_lowp_close(lse, plain_lse, ref_lse, factor=3.0, floor=1e-2)
+
+
+@pytest.mark.gpu
 def test_cuda_long_causal_memory_is_linear() -> None:
     """32K tokens causal in bf16: peak memory stays near the inputs (no [T, T] scores), and the
     result equals torch SDPA's within bf16 tolerance."""
