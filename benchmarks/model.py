@@ -12,6 +12,10 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
 - paired_*: ours and transformers in ONE process, runs alternated (ours, hf, ours, hf, ...), best
   of each: both see the same background load, so `vs_hf` is fair on a shared machine even when the
   separate cells above ran under different load (their peak RSS is per cell; a paired cell's is not).
+  Paired decode also alternates a third contestant, ours with `split_linear(False)` (every product
+  one `F.linear` call, as before the row-chunked path): `plain_tok_s`, and `vs_plain` = tok_s / plain_tok_s.
+  Both sides compute the same logits: ours the last position's only (prefill and decode),
+  transformers with `logits_to_keep=1`.
 - membw: the machine's memory read rate, best of 10 `torch.sum` passes over a 512 MiB buffer (far
   bigger than cache); its own cell, so the buffer does not count in the decode cells' peak RSS.
 
@@ -195,6 +199,7 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
     import torch
 
     from streamctx import Engine
+    from streamctx.model.linear import split_linear
 
     harness.set_threads(threads)
     ids = _prompt(n)
@@ -202,6 +207,7 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
     model = _hf_model()
     ours: list[float] = []
     theirs: list[float] = []
+    plain: list[float] = []
     load = _load()
     with torch.inference_mode():
         if kind == "prefill":
@@ -229,8 +235,14 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
                     out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
                     pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 theirs.append(DECODE_STEPS / (time.perf_counter() - t0))
+                with split_linear(False):
+                    g = s.generate(DECODE_STEPS + 1)
+                plain.append((len(g.token_ids) - (0 if g.finish_reason == "eos" else 1)) / g.seconds)
     row = {"impl": "both, alternated", "tokens": n, "threads": threads, "tok_s": max(ours),
-           "hf_tok_s": max(theirs), "vs_hf": max(ours) / max(theirs), "rounds": rounds, "load_1m": load[0]}
+           "hf_tok_s": max(theirs), "vs_hf": max(ours) / max(theirs), "rounds": rounds, "load_1m": load[0],
+           "load_1m_end": _load()[0]}
+    if plain:
+        row.update(plain_tok_s=max(plain), vs_plain=max(ours) / max(plain))
     if kind == "decode":
         row["bytes_per_token"] = engine.model.weight_nbytes() + _kv_bytes_per_token(n + rounds * DECODE_STEPS // 2)
     return row
@@ -250,15 +262,20 @@ CELLS = [
          timeout_s=300),
     Cell("decode_2K_hf", decode_hf, {"context": DECODE_CONTEXT, "steps": DECODE_STEPS, "windows": DECODE_WINDOWS}, group="decode",
          timeout_s=300),
-    Cell("paired_decode_2K", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3}, group="paired",
+    Cell("paired_decode_2K", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 6}, group="paired",
          timeout_s=400),
-    Cell("paired_prefill_512", paired, {"kind": "prefill", "n": 512, "rounds": 3}, group="paired", timeout_s=300),
-    Cell("paired_prefill_2K", paired, {"kind": "prefill", "n": 2048, "rounds": 2}, group="paired", timeout_s=400),
+    Cell("paired_prefill_512", paired, {"kind": "prefill", "n": 512, "rounds": 4}, group="paired", timeout_s=300),
+    Cell("paired_prefill_2K", paired, {"kind": "prefill", "n": 2048, "rounds": 3}, group="paired", timeout_s=400),
+    Cell("paired_prefill_8K", paired, {"kind": "prefill", "n": 8192, "rounds": 2}, group="paired", timeout_s=500),
     # One thread: no parallel-region barriers, so a loaded machine only time-slices the run.
-    Cell("paired_decode_2K_1t", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 3, "threads": 1},
+    Cell("paired_decode_2K_1t", paired, {"kind": "decode", "n": DECODE_CONTEXT, "rounds": 6, "threads": 1},
          group="paired", timeout_s=400),
-    Cell("paired_prefill_512_1t", paired, {"kind": "prefill", "n": 512, "rounds": 3, "threads": 1}, group="paired",
+    Cell("paired_prefill_512_1t", paired, {"kind": "prefill", "n": 512, "rounds": 4, "threads": 1}, group="paired",
          timeout_s=300),
+    Cell("paired_prefill_2K_1t", paired, {"kind": "prefill", "n": 2048, "rounds": 2, "threads": 1}, group="paired",
+         timeout_s=400),
+    Cell("paired_prefill_8K_1t", paired, {"kind": "prefill", "n": 8192, "rounds": 1, "threads": 1}, group="paired",
+         timeout_s=500),
 ]
 
 
@@ -289,8 +306,9 @@ if __name__ == "__main__":
         results=CELLS_DIR,
         prefix="model",
         title="SmolLM2-135M CPU fp32: streamctx vs transformers (same GGUF weights, 2 threads)",
-        columns=["cell", "impl", "tokens", "tok_s", "hf_tok_s", "vs_hf", "mem_gbps", "bound_tok_s", "of_bound", "hf_of_bound",
-                 "peak_rss_mib", "rss_vs_hf", "threads", "load_1m", "status"],
+        columns=["cell", "impl", "tokens", "tok_s", "hf_tok_s", "vs_hf", "plain_tok_s", "vs_plain", "mem_gbps",
+                 "bound_tok_s", "of_bound", "hf_of_bound", "peak_rss_mib", "rss_vs_hf", "threads", "load_1m",
+                 "load_1m_end", "status"],
         postprocess=add_ratios,
         combined_dir=RESULTS,
     )
