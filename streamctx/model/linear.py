@@ -11,11 +11,17 @@ splits small products over its threads (22 ms in isolation), was 4x *slower* tha
 the real decode loop on 2 cores, because its pool and torch's OpenMP pool spin-wait against
 each other between calls.
 
-Measured on the dev machine (2 cores, SmolLM2's shapes, all 30 layers + lm_head; F.linear time /
-split time): rows 1-12: 1.5-2.3x; 16-32: 1.3-1.4x; 64: 1.1x; 96: even. At one thread the split
-gains nothing and costs a little (0.9-1.0x), so it runs only with two or more threads.
+The chunking is fixed (`CHUNKS`, not derived from the thread count), so a product gives the same
+bits at any thread count: a 1-thread Ray actor and a 2-thread local run agree exactly, which
+`F.linear` itself does not promise (on the dev machine its 5-row products already differ in the
+last bit between 1 and 2 threads).
 
-`F.linear` is the reference: results agree within fp32 rounding, not necessarily bit for bit.
+Measured on the dev machine (2 cores, SmolLM2's shapes, all 30 layers + lm_head; F.linear time /
+split time): at 2 threads, rows 1-12: 1.5-2.3x; 16-32: 1.3-1.4x; 64: 1.1x; 96: even. At one
+thread: 1.0x at one row, 0.9-1.1x at 2-16 rows.
+
+`F.linear` is the reference: results agree within fp32 rounding (bit for bit on SmolLM2's shapes
+here, not in general: chunk edges can change the BLAS kernel's tiling).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 64  # products with more rows go to F.linear, whose BLAS call is threaded there
-CHUNKS_PER_THREAD = 4  # several chunks per thread keep the threads evenly loaded
+CHUNKS = 8  # row chunks per product: enough to keep a few threads evenly loaded
 MIN_CHUNK_ROWS = 16  # weight rows per chunk, at least: tiny chunks are per-call overhead
 _enabled = True
 
@@ -43,12 +49,12 @@ def split_linear(enabled: bool) -> Iterator[None]:
         _enabled = before
 
 
-def split_chunks(rows: int, out_features: int, threads: int) -> int:
-    """How many weight-row chunks to split an `[rows, K] x [out_features, K]^T` product into:
+def split_chunks(rows: int, out_features: int) -> int:
+    """How many weight-row chunks an `[rows, K] x [out_features, K]^T` product is split into:
     0 means one plain `F.linear` call."""
-    if not _enabled or threads < 2 or not 0 < rows <= MAX_ROWS:
+    if not _enabled or not 0 < rows <= MAX_ROWS:
         return 0
-    chunks = min(CHUNKS_PER_THREAD * threads, out_features // MIN_CHUNK_ROWS)
+    chunks = min(CHUNKS, out_features // MIN_CHUNK_ROWS)
     return chunks if chunks >= 2 else 0
 
 
@@ -66,7 +72,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     m = x.shape[0]
     n, k = weight.shape
-    chunks = split_chunks(m, n, torch.get_num_threads())
+    chunks = split_chunks(m, n)
     if not chunks:
         return F.linear(x, weight, bias)
     per = n // chunks
