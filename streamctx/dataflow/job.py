@@ -62,9 +62,6 @@ def run_job(
         raise ValueError(f"runner must be 'local' or 'ray', got {kind!r}")
     if resume and not spec.checkpoint.enabled:
         raise ValueError("resume needs checkpoints: set checkpoint.enabled: true in the job spec")
-    if spec.checkpoint.enabled and spec.model is not None and spec.model.stages > 1:
-        raise ValueError("checkpoint.enabled: checkpoints of a split model (model.stages > 1) are not "
-                         "supported yet; use model.stages: 1")
     plan = build_plan(spec)
     executor: Any = LocalExecutor(plan) if kind == "local" else RayExecutor(
         plan, address=address or spec.runner.address, start_timeout_s=spec.runner.start_timeout_s)

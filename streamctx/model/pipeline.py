@@ -16,14 +16,20 @@ object store without pickling tensors. bf16/fp16 travel bit-exactly as 16-bit in
 Outputs equal the unsplit model: every layer does the same arithmetic on the same inputs.
 Policies see layer indices local to their stage; policies whose decisions depend on the layer's
 index in the whole model would need that offset (none of the built-in ones at the time of writing).
-Session save/restore of a split model is not supported (a clear error).
+
+State as data: `PipelinedLlama.state_to_blob` gathers a session from every stage (`Chain.save`):
+the first range's K/V/positions as tensors, each later stage's part (its layers' cache and its
+own policy instance's state, a `StateBlob` of kind `llama.layers`) as safetensors bytes inside, and
+the split in the metadata; `state_from_blob` pushes the parts back (`Chain.load`). Both bit-exact.
+A session saved by a model split one way restores only into a model split the same way.
 """
 
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +38,12 @@ from streamctx.kv.cache import LayerTable, SessionKV
 from streamctx.kv.pool import BlockPool
 from streamctx.model.llama import LlamaModel
 from streamctx.operators.policies import CachePolicy, make_policy
+from streamctx.state import StateBlob
 
 __all__ = ["Hidden", "LayerStage", "LocalChain", "PipelineState", "PipelinedLlama", "split_layers"]
 
 _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+PART_KIND = "llama.layers"  # one later stage's share of a session
 
 
 def split_layers(num_layers: int, parts: int) -> list[range]:
@@ -88,6 +96,49 @@ def _layer_nbytes(model: LlamaModel, layers: range) -> int:
                for t in vars(model.layers[i]).values() if t is not None)
 
 
+def _kv_tensors(state: SessionKV) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A cache's kept K/V `[Hkv, T, D]` and positions `[T]` per layer (its own layer indexes), in
+    logical order, plus its counters: what `_kv_load` needs to rebuild it bit for bit."""
+    tensors: dict[str, torch.Tensor] = {}
+    for j in range(len(state.layers)):
+        k, v = state.kv(j)
+        pos, rpos = state.positions(j)
+        tensors[f"k.{j}"], tensors[f"v.{j}"] = k.contiguous(), v.contiguous()
+        tensors[f"pos.{j}"], tensors[f"rope_pos.{j}"] = pos.contiguous(), rpos.contiguous()
+        mass = state.key_mass[j]
+        if mass is not None:
+            tensors[f"key_mass.{j}"] = mass
+    meta = {"n_fed": state.n_fed, "next_rope": [t.next_rope for t in state.layers], "n_new": list(state.n_new)}
+    return tensors, meta
+
+
+@torch.inference_mode()  # writes into pool tensors that forward may have grown (inference tensors)
+def _kv_load(pool: BlockPool, model: LlamaModel, tensors: Mapping[str, torch.Tensor],
+             meta: Mapping[str, Any]) -> SessionKV:
+    """The cache `_kv_tensors` described, in new blocks of `pool`."""
+    c, dev = model.config, model.device
+    state = SessionKV(pool)
+    want = (c.num_kv_heads, c.head_dim)
+    for j in range(pool.num_layers):
+        k = tensors.get(f"k.{j}")
+        if k is None or k.dim() != 3 or (k.shape[0], k.shape[2]) != want:
+            state.free()
+            raise ValueError(f"session state does not fit this stage: layer {j} keys "
+                             f"{None if k is None else list(k.shape)}, expected [{want[0]}, T, {want[1]}]")
+        state.append(j, k.to(dev, model.dtype), tensors[f"v.{j}"].to(dev, model.dtype),
+                     tensors[f"pos.{j}"].to(dev), tensors[f"rope_pos.{j}"].to(dev))
+        state.layers[j].next_rope = int(meta["next_rope"][j])
+        mass = tensors.get(f"key_mass.{j}")
+        state.key_mass[j] = None if mass is None else mass.to(dev)
+    state.n_fed = int(meta["n_fed"])
+    state.n_new = [int(n) for n in meta["n_new"]]
+    return state
+
+
+def _u8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
 class LayerStage:
     """One later layer range of a split model: per-session caches holding only its layers."""
 
@@ -137,6 +188,51 @@ class LayerStage:
         return {"live_sessions": len(self.caches), "state_bytes": sum(c.nbytes() for c in self.caches.values()),
                 "blocks_used": self.pool.blocks_used(), "weight_bytes": _layer_nbytes(self.model, self.layers)}
 
+    # -- state as data ----------------------------------------------------------------------------
+    def save(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Each session's share held here (`StateBlob` bytes of kind `llama.layers`): its layers'
+        kept K/V/positions and counters, and its policy instance's state. A key this stage has
+        not seen yet (a session never stepped) saves as an empty share."""
+        out = {}
+        for key in keys:
+            cache = self.caches.get(key)
+            if cache is None:
+                tensors, meta = _kv_tensors(SessionKV(self.pool))
+                policy_state: dict[str, torch.Tensor] = {}
+            else:
+                tensors, meta = _kv_tensors(cache)
+                policy_state = getattr(self.policies[key], "state_tensors", dict)()
+            tensors.update({f"policy.{name}": t for name, t in policy_state.items()})
+            meta["layers"] = [self.layers.start, self.layers.stop]
+            meta["policy"] = make_policy(self.policy_spec).config()
+            out[key] = StateBlob(PART_KIND, tensors, meta).to_bytes()
+        return out
+
+    def load(self, key: str, data: bytes) -> int:
+        """Replace session `key` here by a share `save` wrote (bit-exact); its state bytes."""
+        blob = StateBlob.from_bytes(data, expect_kind=PART_KIND)
+        span = [self.layers.start, self.layers.stop]
+        if blob.meta.get("layers") != span:
+            raise ValueError(f"layer-stage state of layers {blob.meta.get('layers')} given to the stage of layers {span}")
+        policy = make_policy(self.policy_spec)
+        if blob.meta.get("policy") != policy.config():
+            raise ValueError(f"layer-stage state saved with policy {blob.meta.get('policy')}; "
+                             f"this stage runs {policy.config()}")
+        self.free(key)
+        if not blob.meta["n_fed"]:
+            return 0  # never stepped: created on its first forward, as in an uninterrupted run
+        cache = _kv_load(self.pool, self.model, blob.tensors, blob.meta)
+        policy_state = {k[len("policy."):]: t for k, t in blob.tensors.items() if k.startswith("policy.")}
+        try:
+            getattr(policy, "load_state_tensors", lambda t: None)(policy_state)
+        except (KeyError, ValueError):
+            cache.free()
+            raise
+        if policy.bounded:  # bound by `apply_policy` after the first step of an uninterrupted run
+            cache.policy = policy
+        self.caches[key], self.policies[key] = cache, policy
+        return cache.nbytes()
+
 
 class Chain(Protocol):
     """The later layer ranges, in order (in-process or remote)."""
@@ -144,6 +240,14 @@ class Chain(Protocol):
     def forward(self, keys: Sequence[str], hidden: Hidden, lens: Sequence[int], key_mass: bool) -> Hidden: ...
 
     def free(self, key: str) -> None: ...
+
+    def save(self, keys: Sequence[str]) -> list[dict[str, bytes]]:
+        """Per later stage, in order: each session's share (`LayerStage.save`)."""
+        ...
+
+    def load(self, key: str, parts: Sequence[bytes]) -> int:
+        """Put session `key`'s shares back, one per later stage (`LayerStage.load`); their bytes."""
+        ...
 
 
 class LocalChain:
@@ -163,6 +267,14 @@ class LocalChain:
 
     def stats(self) -> list[dict[str, int]]:
         return [st.stats() for st in self.stages]
+
+    def save(self, keys: Sequence[str]) -> list[dict[str, bytes]]:
+        return [st.save(keys) for st in self.stages]
+
+    def load(self, key: str, parts: Sequence[bytes]) -> int:
+        if len(parts) != len(self.stages):
+            raise ValueError(f"session state has {len(parts)} later-stage shares; this chain has {len(self.stages)} stages")
+        return sum(st.load(key, p) for st, p in zip(self.stages, parts))
 
 
 class PipelineState:
@@ -184,6 +296,15 @@ class PipelineState:
     def layers(self) -> list[LayerTable]:
         """The first range's layer tables (what the dataflow reads as the cached token count)."""
         return self.local.layers
+
+    @property
+    def policy(self) -> Any:
+        """The session's policy as bound to the first range's cache (a restored session binds it here)."""
+        return self.local.policy
+
+    @policy.setter
+    def policy(self, policy: Any) -> None:
+        self.local.policy = policy
 
 
 class PipelinedLlama:
@@ -208,6 +329,7 @@ class PipelinedLlama:
         self.pool = BlockPool(len(self.ranges[0]), c.num_kv_heads, c.head_dim, block_size=block_size,
                               dtype=model.dtype, device=model.device)
         self._keys = itertools.count()
+        self._fetched: dict[str, tuple[int, list[bytes]]] = {}  # key -> (n_fed, shares) fetched by `saving`
 
     # -- sessions ---------------------------------------------------------------------------------
     def new_state(self) -> PipelineState:
@@ -250,9 +372,47 @@ class PipelinedLlama:
         return self.model.head(out.to_tensor(self.device), lens, flags)
 
     # -- state as data ----------------------------------------------------------------------------
-    def state_to_blob(self, state: PipelineState) -> Any:
-        raise NotImplementedError("saving a session of a model split into pipeline stages is not supported; "
-                                  "run it with model.stages: 1 to save sessions")
+    def split(self) -> list[list[int]]:
+        return [[r.start, r.stop] for r in self.ranges]
 
-    def state_from_blob(self, blob: Any) -> PipelineState:
-        raise NotImplementedError("restoring a session into a model split into pipeline stages is not supported")
+    @contextmanager
+    def saving(self, states: Sequence[PipelineState]) -> Iterator[None]:
+        """Fetch the later stages' shares of `states` in one call per stage, for the
+        `state_to_blob` calls inside (a checkpoint saves every session: one round trip per stage,
+        not one per session and stage)."""
+        keys = [s.key for s in states]
+        per_stage = self.chain.save(keys)
+        self._fetched = {s.key: (s.n_fed, [shares[s.key] for shares in per_stage]) for s in states}
+        try:
+            yield
+        finally:
+            self._fetched = {}
+
+    def state_to_blob(self, state: PipelineState) -> StateBlob:
+        """The whole session: the first range's K/V/positions and counters as tensors (`k.{j}` ...,
+        layer j of the first range), each later stage's share as bytes (`stage.{k}`, uint8), and
+        the split (`meta["pipeline"]`). Bit-exact."""
+        n_fed, parts = self._fetched.get(state.key, (-1, []))
+        if n_fed != state.n_fed:  # not fetched ahead, or stepped since (`Session.save` feeds pending tokens first)
+            parts = [shares[state.key] for shares in self.chain.save([state.key])]
+        tensors, meta = _kv_tensors(state.local)
+        for k, data in enumerate(parts, start=1):
+            tensors[f"stage.{k}"] = _u8(data)
+        meta["pipeline"] = self.split()
+        return StateBlob("llama.session", tensors, meta)
+
+    def state_from_blob(self, blob: StateBlob) -> PipelineState:
+        """A session `state_to_blob` wrote, in this model's first range and pushed to the later stages."""
+        split = blob.meta.get("pipeline")
+        if split != self.split():
+            how = "an unsplit model" if split is None else f"a model split into layer ranges {split}"
+            raise ValueError(f"session state was saved by {how}; this model is split into {self.split()}")
+        parts = [blob.tensors[f"stage.{k}"].numpy().tobytes() for k in range(1, len(self.ranges))]
+        local = _kv_load(self.pool, self.model, blob.tensors, blob.meta)
+        state = PipelineState(f"s{next(self._keys)}", local)
+        try:
+            state.remote_bytes = self.chain.load(state.key, parts)
+        except BaseException:
+            self.free_state(state)
+            raise
+        return state

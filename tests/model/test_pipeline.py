@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamctx import Engine
+from streamctx.engine import EngineError
 from streamctx.model.pipeline import Hidden, LayerStage, LocalChain, PipelinedLlama, split_layers
 from tests.fixtures.tiny_models import make_tiny_llama, make_tiny_mamba
 from tests.tolerances import assert_close
@@ -122,9 +123,11 @@ def test_split_model_refuses_what_it_cannot_do(folder: Path, tmp_path: Path) -> 
     eng, _ = load(folder, 2)
     s = eng.session("x")
     s.feed(ids(4, 0))
-    with pytest.raises(NotImplementedError, match="pipeline stages"):
-        s.save()
+    saved = s.save()  # a split session saves whole (tests/dataflow/test_pipeline_checkpoint.py)
     s.close()
+    other, _ = load(folder, 3)
+    with pytest.raises(EngineError, match="saved by a model split into layer ranges"):
+        other.session("x", state=saved)
     mamba = Engine.load(make_tiny_mamba(tmp_path / "mamba", hidden=16, layers=2, vocab_size=VOCAB)).model
     with pytest.raises(NotImplementedError, match="Llama-family"):
         LayerStage(mamba, range(1, 2))
