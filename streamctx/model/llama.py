@@ -18,10 +18,11 @@ cache, so sessions of different lengths batch without padding (ragged attention)
 Sessions that decode one token and whose policy has no attention hooks form the *decode group*
 (continuous batching's common step): their RoPE is one call and their K/V writes one indexed
 copy per layer, and their block tables are kept as single runs (`streamctx.kv.batch`), so each
-session's attention reads its cache as a zero-copy view. Gathering all caches into a padded
-`[B, Hkv, Tmax, D]` batch was measured and rejected: the gather copies every attended key each
-step and cost more than the per-session attention calls it replaced (16 sessions x 2K tokens:
-30 ms vs 3.6 ms per layer on 2 cores). Sessions whose policy observes queries or extends
+session's attention reads its cache as a zero-copy view. On the CPU, gathering all caches into a
+padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the gather copies every attended key
+each step and cost more than the per-session attention calls it replaced (16 sessions x 2K tokens:
+30 ms vs 3.6 ms per layer on 2 cores). On CUDA the per-session calls are launch-bound and the
+gather is cheap, so the group attends in one padded call (`_padded_decode_attention`). Sessions whose policy observes queries or extends
 attention (snapkv, retrieval, hierarchical, compressive) and prefill chunks take the
 per-session path.
 """
@@ -210,17 +211,20 @@ class LlamaModel:
                 part = qkv if len(group) == len(caches) else qkv.index_select(0, g_rows)  # [B, Hq + 2 Hkv, D]
                 qk = apply_rope(part[:, :hqk], rope_prev[1], rope_prev[2])  # [B, Hq + Hkv, D]
                 append_one_each(g_caches, li, qk[:, c.num_heads:], part[:, hqk:], g_pos, rope_at)
-                g_out = []
-                for j, cache in enumerate(g_caches):
-                    keys, values = cache.kv(li)
-                    res = attention(qk[j, None, :c.num_heads, None], keys[None], values[None], causal=True,
-                                    q_offset=cache.layers[li].length - 1, window=c.sliding_window,
-                                    scale=self.scale, return_key_mass=key_mass)
-                    if key_mass:
-                        cache.add_key_mass(li, _group_mass(res[1][0], c.num_kv_heads))
-                        res = res[0]
-                    g_out.append(res.reshape(hq))
-                a = torch.stack(g_out)  # [B, Hq D]
+                if dev.type in PADDED_DECODE_DEVICES and not key_mass and c.sliding_window is None:
+                    a = _padded_decode_attention(g_caches, li, qk[:, :c.num_heads], self.scale).reshape(-1, hq)
+                else:
+                    g_out = []
+                    for j, cache in enumerate(g_caches):
+                        keys, values = cache.kv(li)
+                        res = attention(qk[j, None, :c.num_heads, None], keys[None], values[None], causal=True,
+                                        q_offset=cache.layers[li].length - 1, window=c.sliding_window,
+                                        scale=self.scale, return_key_mass=key_mass)
+                        if key_mass:
+                            cache.add_key_mass(li, _group_mass(res[1][0], c.num_kv_heads))
+                            res = res[0]
+                        g_out.append(res.reshape(hq))
+                    a = torch.stack(g_out)  # [B, Hq D]
                 if len(group) < len(caches):
                     a = torch.empty(x.shape[0], hq, dtype=x.dtype, device=dev).index_copy_(0, g_rows, a)
             outs = []
@@ -316,6 +320,34 @@ class LlamaModel:
         state.n_fed = int(blob.meta["n_fed"])
         state.n_new = [int(n) for n in blob.meta["n_new"]]
         return state
+
+
+# Devices where the decode group's attention runs as one padded call: on a GPU each per-session call
+# costs a launch; on the CPU the gather costs more than the calls (module docstring).
+PADDED_DECODE_DEVICES = frozenset({"cuda"})
+
+
+def _padded_decode_attention(caches: Sequence[SessionKV], layer: int, q: torch.Tensor, scale: float
+                             ) -> torch.Tensor:
+    """The decode group's attention in one call: q `[B, Hq, D]` (one token each, after its own key
+    was appended) -> `[B, Hq, D]`. Each session's keys (a single run in the pool) are gathered into
+    a padded `[B, Hkv, Tmax, D]` batch with a key-padding mask; query heads are regrouped per KV
+    head, so GQA needs no key copies."""
+    pool = caches[0].pool
+    b, hq, d = q.shape
+    hkv, bs, dev = pool.num_kv_heads, pool.block_size, q.device
+    tables = [cache.layers[layer] for cache in caches]
+    assert all(t.contiguous for t in tables), "the decode group keeps each cache a single run"
+    lengths = torch.tensor([t.length for t in tables], device=dev)
+    starts = torch.tensor([t.blocks[0] * bs for t in tables], device=dev)
+    steps = torch.arange(max(t.length for t in tables), device=dev)
+    valid = steps[None, :] < lengths[:, None]  # [B, Tmax]
+    idx = (starts[:, None] + steps[None, :]).masked_fill_(~valid, 0).view(-1)
+    k, v = (x.index_select(1, idx).view(hkv, b, -1, d).transpose(0, 1)  # [B, Hkv, Tmax, D]
+            for x in (pool.flat_k(layer), pool.flat_v(layer)))
+    out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, attn_mask=valid[:, None, None, :],
+                                         scale=scale)  # [B, Hkv, G, D]
+    return out.reshape(b, hq, d)
 
 
 def _decode_group(caches: Sequence[SessionKV], lens: Sequence[int]) -> list[int]:
