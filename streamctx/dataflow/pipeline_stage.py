@@ -22,11 +22,14 @@ Llama family only (a Mamba split is refused with a clear error at startup).
 from __future__ import annotations
 
 import uuid
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from streamctx.dataflow.model_stage import ModelStage, engine_policy
 from streamctx.model.pipeline import Hidden, LayerStage, LocalChain, PipelinedLlama, split_layers
 from streamctx.storage.base import StateLostError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 LAYER_ACTOR_PREFIX = "streamctx.layers."  # + chain id + "." + stage index (1 = the second stage)
 
@@ -248,7 +251,7 @@ class PipelinedModelStage(ModelStage):
 
     # -- the data path and checkpoints -------------------------------------------------------------
 
-    def process_dead(self, batch: Any) -> tuple[Any, list[dict[str, Any]]]:
+    def process_dead(self, batch: pa.RecordBatch) -> tuple[Optional[pa.RecordBatch], list[dict[str, Any]]]:
         if self.chain.lost is not None:  # batches queued behind the failure: nothing to run them on
             raise self.chain.lost
         out = super().process_dead(batch)
