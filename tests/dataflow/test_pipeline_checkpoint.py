@@ -184,6 +184,41 @@ def test_lost_layer_stages_recover_exactly_once_on_the_local_runner(tiny: Path, 
     assert res.sessions.ended == clean.sessions.ended and res.sessions.live == 0 and res.sessions.bytes == 0
 
 
+class _DriverKilled(Exception):
+    """The driver "dies" (raised from on_progress: nothing after it runs)."""
+
+
+def test_resume_after_a_driver_crash_with_a_split_model(tiny: Path, tmp_path: Path) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    records = _records()
+
+    def spec(base: Path) -> JobSpec:
+        base.mkdir()
+        (base / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        d = _spec(tiny, records, base).model_dump(exclude={"source", "sink", "base_dir"})
+        return JobSpec.from_dict({**d, "source": {"type": "jsonl", "path": "in.jsonl"},
+                                  "sink": {"type": "parquet", "path": "out", "rows_per_file": 5}}, base_dir=base)
+
+    def crash(p: Any) -> None:
+        if p.records_out >= 27:
+            raise _DriverKilled(f"driver killed after {p.records_out} rows")
+
+    def read(base: Path) -> pa.Table:
+        return pa.concat_tables([pq.read_table(f) for f in sorted((base / "out").glob("part-*.parquet"))])
+
+    run_job(spec(tmp_path / "clean"))
+    job = spec(tmp_path / "resume")
+    with pytest.raises(_DriverKilled):
+        run_job(job, on_progress=crash)
+    res = run_job(job, resume=True)
+    check = faults.exactly_once(read(tmp_path / "clean"), read(tmp_path / "resume"))
+    assert check == {"checked": 48, "lost": 0, "duplicated": 0, "unexpected": 0, "different": 0, "order_equal": 1}
+    assert res.sessions.live == 0 and 0 < res.records_out < 48  # the resumed run did only the rest
+
+
 # --- recovery on Ray: SIGKILL a layer actor --------------------------------------------------------
 
 class _KillLayerActor:
