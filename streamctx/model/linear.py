@@ -11,14 +11,14 @@ splits small products over its threads (22 ms in isolation), was 4x *slower* tha
 the real decode loop on 2 cores, because its pool and torch's OpenMP pool spin-wait against
 each other between calls.
 
-The chunking is fixed (`CHUNKS`, not derived from the thread count), so a product gives the same
-bits at any thread count: a 1-thread Ray actor and a 2-thread local run agree exactly, which
-`F.linear` itself does not promise (on the dev machine its 5-row products already differ in the
-last bit between 1 and 2 threads).
+With one thread there is nothing to spread the chunks over, and the chunked product costs a
+little (SmolLM2 decode at 1 thread: 15.2 vs 15.7 tokens/s), so one thread takes `F.linear`. The
+chunk count itself is fixed (`CHUNKS`, not derived from the thread count), so 2, 4 or 8 threads
+give the same bits. Between 1 and 2 threads the last bit may differ on some shapes, as it already
+does for `F.linear` itself (on the dev machine its 5-row products differ between 1 and 2 threads).
 
 Measured on the dev machine (2 cores, SmolLM2's shapes, all 30 layers + lm_head; F.linear time /
-split time): at 2 threads, rows 1-12: 1.5-2.3x; 16-32: 1.3-1.4x; 64: 1.1x; 96: even. At one
-thread: 1.0x at one row, 0.9-1.1x at 2-16 rows.
+split time) at 2 threads: rows 1-12: 1.5-2.3x; 16-32: 1.3-1.4x; 64: 1.1x; 96: even.
 
 `F.linear` is the reference: results agree within fp32 rounding (bit for bit on SmolLM2's shapes
 here, not in general: chunk edges can change the BLAS kernel's tiling).
@@ -49,10 +49,10 @@ def split_linear(enabled: bool) -> Iterator[None]:
         _enabled = before
 
 
-def split_chunks(rows: int, out_features: int) -> int:
-    """How many weight-row chunks an `[rows, K] x [out_features, K]^T` product is split into:
-    0 means one plain `F.linear` call."""
-    if not _enabled or not 0 < rows <= MAX_ROWS:
+def split_chunks(rows: int, out_features: int, threads: int) -> int:
+    """How many weight-row chunks an `[rows, K] x [out_features, K]^T` product is split into at
+    `threads` torch threads: 0 means one plain `F.linear` call."""
+    if not _enabled or threads < 2 or not 0 < rows <= MAX_ROWS:
         return 0
     chunks = min(CHUNKS, out_features // MIN_CHUNK_ROWS)
     return chunks if chunks >= 2 else 0
@@ -72,7 +72,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     m = x.shape[0]
     n, k = weight.shape
-    chunks = split_chunks(m, n)
+    chunks = split_chunks(m, n, torch.get_num_threads())
     if not chunks:
         return F.linear(x, weight, bias)
     per = n // chunks
