@@ -1,4 +1,4 @@
-"""`streamctx.model.linear.linear` (row-chunked CPU products) against `F.linear`, its reference."""
+"""`streamctx.model.linear.linear` (faster shapes of small CPU products) against `F.linear`, its reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamctx.model import linear as linear_mod
-from streamctx.model.linear import CHUNKS, MAX_ROWS, linear, split_chunks, split_linear
+from streamctx.model.linear import CHUNKS, COLUMN_MAX_ROWS, MAX_ROWS, choose_path, linear, split_linear
 from tests.tolerances import assert_close, assert_lowp_close
 
 
@@ -48,11 +48,11 @@ def test_linear_matches_f_linear(two_threads: None, m: int, k: int, n: int, bias
     assert_lowp_close(out, plain, exact, factor=3.0, floor=1e-5)
 
 
-@pytest.mark.parametrize("m", [1, 4, MAX_ROWS])
+@pytest.mark.parametrize("m", [1, 3, COLUMN_MAX_ROWS + 1, MAX_ROWS])
 @pytest.mark.parametrize("n", [960, 1001])  # 1001: chunks plus a remainder of rows
-def test_split_path_is_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch, m: int, n: int) -> None:
-    """The chunked batched matmul really runs (F.linear only for a remainder of rows), and
-    equals F.linear; with the path switched off it is F.linear on the whole product."""
+def test_fast_paths_are_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch, m: int, n: int) -> None:
+    """The fast paths really run (F.linear only for a chunked product's remainder rows) and equal
+    F.linear; with them switched off the whole product is one F.linear call."""
     calls: list[tuple[int, ...]] = []
     real = F.linear
 
@@ -62,11 +62,12 @@ def test_split_path_is_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch,
 
     x, w = _inputs(m, 96, n, 0, strided=False)
     expected = real(x, w)
-    chunks = split_chunks(m, n, 2)
-    assert chunks >= 2
+    path, chunks = choose_path(m, n, 2)
+    assert path == ("column" if m <= COLUMN_MAX_ROWS else "chunked")
     monkeypatch.setattr(linear_mod.F, "linear", spy)
     out = linear(x, w)
-    assert calls == ([] if n % chunks == 0 else [(n % chunks, 96)])
+    assert calls == ([] if path == "column" or n % chunks == 0 else [(n % chunks, 96)])
+    assert out.is_contiguous()
     assert_close(out, expected)
     calls.clear()
     with split_linear(False):
@@ -75,20 +76,23 @@ def test_split_path_is_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch,
     assert torch.equal(off, expected)
 
 
-def test_when_the_split_applies() -> None:
-    assert split_chunks(1, 49152, 2) == CHUNKS
-    assert split_chunks(MAX_ROWS, 576, 2) == CHUNKS
-    assert split_chunks(1, 576, 16) == CHUNKS  # the chunking does not follow the thread count
-    assert split_chunks(MAX_ROWS + 1, 576, 2) == 0  # larger products: F.linear's own threading
-    assert split_chunks(1, 576, 1) == 0  # one thread: nothing to spread the chunks over
-    assert split_chunks(1, 40, 2) == 2 and split_chunks(1, 31, 2) == 0  # chunks of >= 16 rows
-    assert split_chunks(0, 576, 2) == 0
+def test_path_choice() -> None:
+    assert choose_path(1, 49152, 1) == ("column", 0)  # one row: W @ x^T at any thread count
+    assert choose_path(COLUMN_MAX_ROWS, 7, 2) == ("column", 0)
+    assert choose_path(COLUMN_MAX_ROWS + 1, 576, 2) == ("chunked", CHUNKS)
+    assert choose_path(MAX_ROWS, 49152, 16) == ("chunked", CHUNKS)  # not derived from the thread count
+    assert choose_path(MAX_ROWS + 1, 576, 2) == ("plain", 0)  # larger products: F.linear's own threading
+    assert choose_path(8, 576, 1) == ("plain", 0)  # one thread: nothing to spread the chunks over
+    assert choose_path(8, 40, 2) == ("chunked", 2) and choose_path(8, 31, 2) == ("plain", 0)  # >= 16 rows a chunk
+    assert choose_path(0, 576, 2) == ("plain", 0)
+    with split_linear(False):
+        assert choose_path(1, 576, 2) == ("plain", 0)
 
 
 @given(m=st.sampled_from([1, 2, 3, 5, 8, 17, 64]), k=st.sampled_from([7, 32, 97, 576]),
        n=st.sampled_from([32, 100, 129, 1001, 1536]), seed=st.integers(0, 2**16))
 def test_same_bits_at_two_and_four_threads(m: int, k: int, n: int, seed: int) -> None:
-    """The chunking is fixed, so any thread count that takes the split path gives the same bits."""
+    """Any thread count that takes the same path gives the same bits (the chunk count is fixed)."""
     x, w = _inputs(m, k, n, seed, strided=False)
     before = torch.get_num_threads()
     try:
