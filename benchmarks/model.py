@@ -14,6 +14,9 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
   separate cells above ran under different load (their peak RSS is per cell; a paired cell's is not).
   Paired decode also alternates a third contestant, ours with `split_linear(False)` (every product
   one `F.linear` call, as before the row-chunked path): `plain_tok_s`, and `vs_plain` = tok_s / plain_tok_s.
+  Paired decode measures the memory read rate between its rounds too (`mem_gbps`, best of them):
+  on the 2-core machine that rate swings from ~26 GB/s (another job on the second core) to
+  ~57 GB/s (idle), so a bound taken at another time than the decode means little.
   Both sides compute the same logits: ours the last position's only (prefill and decode),
   transformers with `logits_to_keep=1`.
 - membw: the machine's memory read rate, best of 10 `torch.sum` passes over a 512 MiB buffer (far
@@ -64,18 +67,25 @@ def _prompt(n: int) -> list[int]:
     raise RuntimeError(f"not enough text for {n} tokens")
 
 
-def memory_read_gbps(nbytes: int = 512 << 20, repeats: int = 10) -> float:
+MEMBW_BYTES = 512 << 20
+
+
+def memory_read_gbps(nbytes: int = MEMBW_BYTES, repeats: int = 10) -> float:
     """Best-of-N read rate of `torch.sum` over an fp32 buffer of `nbytes` (GB/s, 1e9 bytes)."""
     import torch
 
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    return _read_rate(torch.ones(nbytes // 4, dtype=torch.float32), repeats)
+
+
+def _read_rate(buf: Any, repeats: int = 10) -> float:
+    """Best-of-N `buf.sum()` read rate in GB/s (the buffer far bigger than any cache)."""
     buf.sum()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         buf.sum()
         best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    return buf.numel() * buf.element_size() / best / 1e9
 
 
 def _hf_model():
@@ -208,6 +218,7 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
     ours: list[float] = []
     theirs: list[float] = []
     plain: list[float] = []
+    rates: list[float] = []
     load = _load()
     with torch.inference_mode():
         if kind == "prefill":
@@ -227,7 +238,9 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
             s.generate(4)
             out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
             pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            membw_buf = torch.ones(MEMBW_BYTES // 4, dtype=torch.float32)
             for _ in range(rounds):
+                rates.append(_read_rate(membw_buf))
                 g = s.generate(DECODE_STEPS + 1)
                 ours.append((len(g.token_ids) - (0 if g.finish_reason == "eos" else 1)) / g.seconds)
                 t0 = time.perf_counter()
@@ -243,6 +256,8 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
            "load_1m_end": _load()[0]}
     if plain:
         row.update(plain_tok_s=max(plain), vs_plain=max(ours) / max(plain))
+    if rates:
+        row["mem_gbps"] = max(rates)  # this cell's own read rate, measured between its rounds
     if kind == "decode":
         row["bytes_per_token"] = engine.model.weight_nbytes() + _kv_bytes_per_token(n + rounds * DECODE_STEPS // 2)
     return row
@@ -281,10 +296,12 @@ CELLS = [
 
 def add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`vs_hf`: our tokens/s over transformers' in the same row pair; `rss_vs_hf` likewise;
-    decode rows get the bandwidth bound from the `membw` row."""
+    decode rows get the bandwidth bound from their own read rate (paired cells measure it between
+    their rounds, under the same load) or else from the `membw` row."""
     by_name = {r["cell"]: r for r in rows}
-    bw = by_name.get("membw", {}).get("mem_gbps")
+    membw_row = by_name.get("membw", {}).get("mem_gbps")
     for r in rows:
+        bw = r.get("mem_gbps") if r["cell"].startswith("paired_") else membw_row
         if bw and r.get("bytes_per_token"):
             r["mem_gbps"] = bw
             r["bound_tok_s"] = bw * 1e9 / r["bytes_per_token"]
