@@ -9,7 +9,8 @@ shared CPU every parallel region is a barrier that a descheduled thread stalls, 
 larger calls matter most for decode. The copy costs its own size (SmolLM2: 66 MB) on top of the
 mapped pages; fusing gate/up too would add another 212 MB (about +25% peak RSS), so it is not done.
 The lm_head runs only on the rows whose logits are asked for (the last position of each session
-unless told otherwise).
+unless told otherwise). Every projection goes through `streamctx.model.linear.linear`, which
+runs the few-row products of decode in the shapes the CPU BLAS streams fastest.
 
 The forward is batch-first: `forward([(cache, ids), ...])` packs every session's new tokens into
 one `[N, H]` activation for the dense layers and runs attention per session over its own
