@@ -14,6 +14,11 @@ from typing import Any, Iterable, Iterator
 import pytest
 
 
+def worker_nodes(*names: str) -> dict[str, dict[str, Any]]:
+    """One-CPU worker nodes, each offering a custom resource named after it (to place actors)."""
+    return {name: {"num_cpus": 1, "resources": {name: 8}} for name in names}
+
+
 @contextmanager
 def local_cluster(nodes: dict[str, dict[str, Any]]) -> Iterator[tuple[Any, dict[str, Any]]]:
     """A head (1 CPU, the driver's node) plus `nodes` (name -> `Cluster.add_node` arguments), with

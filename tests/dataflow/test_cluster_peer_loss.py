@@ -16,15 +16,14 @@ from typing import Any
 
 import pytest
 
-from tests.dataflow.clusters import local_cluster, lose_node, stage_pids_on
+from tests.dataflow.clusters import local_cluster, lose_node, stage_pids_on, worker_nodes
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_cluster({"model_node": {"num_cpus": 1, "resources": {"model_node": 8}},
-                        "peer_node": {"num_cpus": 1, "resources": {"peer_node": 8}}}) as (c, nodes):
+    with local_cluster(worker_nodes("model_node", "peer_node")) as (c, nodes):
         yield c, nodes
 
 

@@ -14,15 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.dataflow.clusters import local_cluster, lose_node
+from tests.dataflow.clusters import local_cluster, lose_node, worker_nodes
 
 pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with local_cluster({"node_a": {"num_cpus": 1, "resources": {"node_a": 8}},
-                        "node_b": {"num_cpus": 1, "resources": {"node_b": 8}}}) as (c, nodes):
+    with local_cluster(worker_nodes("node_a", "node_b")) as (c, nodes):
         yield c, nodes
 
 
