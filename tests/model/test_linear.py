@@ -42,10 +42,12 @@ def test_linear_matches_f_linear(two_threads: None, m: int, k: int, n: int, bias
     out = linear(x, w, b)
     assert out.shape == (m, n) and out.dtype == torch.float32
     plain = F.linear(x, w, b)
-    assert_close(out, plain)
+    # Another summation order: fp32 rounding grows with the K terms summed (about sqrt(K) for
+    # random terms), so the fp32 tolerance is scaled by sqrt(K).
+    assert_close(out, plain, scale=max(1.0, k ** 0.5))
     # Against fp64: no worse than F.linear's own fp32 error (flash-attention's rule).
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
-    assert_lowp_close(out, plain, exact, factor=3.0, floor=1e-5)
+    assert_lowp_close(out, plain, exact, factor=3.0, floor=2e-6 * k ** 0.5)
 
 
 @pytest.mark.parametrize("m", [1, 3, COLUMN_MAX_ROWS + 1, MAX_ROWS])
