@@ -80,6 +80,12 @@ class Killer:
         self.kills.append(what)
 
 
+def check_line(check: dict[str, int]) -> str:
+    """The printed summary of an `exactly_once` result (what a test's `-s` output quotes)."""
+    return (f"records checked: {check['checked']}, lost: {check['lost']}, duplicated: {check['duplicated']}, "
+            f"unexpected: {check['unexpected']}, different: {check['different']}")
+
+
 def exactly_once(expected: pa.Table, got: pa.Table) -> dict[str, int]:
     """Compare outputs row by row (timing and KV-block accounting columns dropped): counts of rows
     checked, lost, duplicated and differing. Keys are (offset, session_id, turn): one output row

@@ -52,7 +52,7 @@ def test_lost_peer_node_state_is_rebuilt_from_the_checkpoint(cluster, tmp_path: 
     from streamctx.dataflow import run_job
     from streamctx.dataflow.checkpoint import MANIFEST
     from streamctx.spec import JobSpec
-    from tests.dataflow.faults import exactly_once
+    from tests.dataflow.faults import check_line, exactly_once
     from tests.dataflow.streams import multi_session_stream
     from tests.fixtures.tiny_models import make_tiny_llama
 
@@ -108,8 +108,7 @@ def test_lost_peer_node_state_is_rebuilt_from_the_checkpoint(cluster, tmp_path: 
           f"{[r['rows'] for r in removed]} rows, its store holding {[r['items'] for r in removed]} sessions, "
           f"{[r['used'] for r in removed]} bytes); recoveries: {ck['recoveries']} ({ck['failures']}), actors "
           f"replaced: {ck['replaced_actors']}; peer stores lost {tiers['peer']['lost_stores']}, replaced "
-          f"{tiers['peer']['replaced_stores']}; records checked: {check['checked']}, lost: {check['lost']}, "
-          f"duplicated: {check['duplicated']}, different: {check['different']}")
+          f"{tiers['peer']['replaced_stores']}; {check_line(check)}")
     assert len(removed) == 1 and removed[0]["items"] > 0  # state really was on the lost node
     # Only state was lost, no stage actor (Ray places the 0-CPU segment actor on the driver's node):
     # the recovery below comes from reading the lost state.

@@ -174,8 +174,7 @@ def test_lost_layer_stages_recover_exactly_once_on_the_local_runner(tiny: Path, 
     check = faults.exactly_once(clean.outputs, res.outputs)
     print(f"\n[split recovery, local, {policy['type']}] faults injected: {len(fault.injected)} "
           f"({'; '.join(fault.injected)}); recoveries: {ck['recoveries']}, replayed rows skipped: "
-          f"{ck['replayed_rows_skipped']}; records checked: {check['checked']}, lost: {check['lost']}, "
-          f"duplicated: {check['duplicated']}, different: {check['different']}")
+          f"{ck['replayed_rows_skipped']}; {faults.check_line(check)}")
     assert len(fault.injected) == 3
     assert {f.split(' at')[0] for f in fault.injected} == {"layers 1-1", "layers 2-2"}  # both later stages
     assert ck["recoveries"] == 3 and all("LayerStageLost" in f for f in ck["failures"])
@@ -257,8 +256,7 @@ def test_sigkilled_layer_actors_recover_exactly_once_on_ray(tiny: Path, tmp_path
     check = faults.exactly_once(clean.outputs, res.outputs)
     print(f"\n[split recovery, ray] faults injected: {len(killer.kills)} ({'; '.join(killer.kills)}); "
           f"recoveries: {ck['recoveries']}, failures: {ck['failures']}; replayed rows skipped: "
-          f"{ck['replayed_rows_skipped']}; records checked: {check['checked']}, lost: {check['lost']}, "
-          f"duplicated: {check['duplicated']}, different: {check['different']}")
+          f"{ck['replayed_rows_skipped']}; {faults.check_line(check)}")
     assert [k.split(" at")[0] for k in killer.kills] == ["layer stage 2", "layer stage 1"]
     # The stage actors all lived (a layer actor is not one): nothing replaced by the executor; the
     # first stage started new layer actors itself.
