@@ -110,10 +110,14 @@ def test_lost_peer_node_state_is_rebuilt_from_the_checkpoint(cluster, tmp_path: 
           f"replaced: {ck['replaced_actors']}; peer stores lost {tiers['peer']['lost_stores']}, replaced "
           f"{tiers['peer']['replaced_stores']}; {check_line(check)}")
     assert len(removed) == 1 and removed[0]["items"] > 0  # state really was on the lost node
-    # Only state was lost, no stage actor (Ray places the 0-CPU segment actor on the driver's node):
-    # the recovery below comes from reading the lost state.
-    assert removed[0]["stage_actors"] == 0 and ck["replaced_actors"] == 0, res.metrics["nodes"]
-    assert ck["recoveries"] >= 1 and any("StateLostError" in f for f in ck["failures"]), ck
+    # Ray may place the 0-CPU segment actor on peer_node (the spec cannot pin it): then that actor is
+    # lost too and replaced. Usually only state is lost, and the recovery comes from reading it.
+    lost_actors = removed[0]["stage_actors"]
+    assert ck["recoveries"] >= 1, ck
+    if lost_actors == 0:
+        assert ck["replaced_actors"] == 0 and any("StateLostError" in f for f in ck["failures"]), ck
+    else:
+        assert ck["replaced_actors"] >= lost_actors, (ck, res.metrics["nodes"])
     assert check == {"checked": 500, "lost": 0, "duplicated": 0, "unexpected": 0, "different": 0, "order_equal": 1}
     # The replica kept its node; the store lost with peer_node was replaced on a surviving node.
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
