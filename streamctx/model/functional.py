@@ -37,7 +37,13 @@ class Weights:
             raise ModelLoadError(
                 f"{self.source}: tensor {name!r} has shape {list(t.shape)}, but the config expects {list(shape)}"
             )
-        return t.to(device=self.device, dtype=dtype or self.dtype)
+        t = t.to(device=self.device, dtype=dtype or self.dtype)
+        if t.device.type == "cpu" and t.dim() == 2 and t.data_ptr() % 64:
+            # A matrix read in place from a mapped file whose data is only 8-byte aligned (most
+            # safetensors files): rows straddling cache lines stream 1.5x slower through the native
+            # decode kernels, so it gets an aligned copy (the allocator aligns to 64 bytes).
+            t = t.clone()
+        return t
 
     def maybe(self, name: str, present: bool, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
         return self.take(name, shape) if present else None

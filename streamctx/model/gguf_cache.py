@@ -5,6 +5,12 @@ already un-permuted) and, in its string metadata, the config and the tokenizer. 
 the file's size, mtime and a SHA-256 of its leading bytes (the GGUF header: metadata, tokenizer
 and tensor index), plus the cache format version. Entries are written to a temporary file and
 renamed into place, so readers never see half a file; the directory is 0700 and files 0600.
+
+The weights are read in place from the mapped file, so the file puts every tensor's bytes at a
+multiple of `ALIGN` bytes (header padded, tensors whose size is a multiple of it first): the
+native decode kernels stream weight rows with 64-byte loads, and rows that straddle cache lines
+stream 1.5x slower (SmolLM2 one-row products: 25.7 vs 16.9 ms a token). Still standard
+safetensors: the padding is the header's trailing spaces, which the format allows.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from streamctx.model.config import LlamaConfig, config_to_dict
 from streamctx.model.tokenizer import Tokenizer, TokenizerSettings
 
-CACHE_FORMAT = "streamctx.gguf-cache.v1"
+CACHE_FORMAT = "streamctx.gguf-cache.v2"  # v2: tensors 64-byte aligned in the file
+ALIGN = 64
 # Bytes hashed for the key: GGUF headers (metadata with the tokenizer, then the tensor index)
 # are ~2 MB for a 50k vocabulary and under 8 MiB for 150k ones.
 HEADER_HASH_BYTES = 8 << 20
@@ -121,14 +127,41 @@ class GGUFCache:
         tensors = {k: v.to(torch.float32).contiguous() for k, v in contents.weights.items()}
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")  # created 0600
         try:
-            os.close(fd)
-            save_file(tensors, tmp, metadata=meta)
+            try:
+                write_aligned_safetensors(fd, tensors, meta)
+            finally:
+                os.close(fd)
             os.chmod(tmp, 0o600)
             os.replace(tmp, entry)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return entry
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32"}
+
+
+def write_aligned_safetensors(fd: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` (contiguous CPU) as safetensors to `fd` with each tensor's data at a file
+    offset that is a multiple of `ALIGN` where its predecessors' sizes allow: tensors whose byte
+    size is a multiple of `ALIGN` go first (all of a model's matrices, in practice)."""
+    order = sorted(tensors, key=lambda k: (tensors[k].numel() * tensors[k].element_size() % ALIGN != 0, k))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % ALIGN)  # data starts at 8 + len(text)
+    buffers = [memoryview(len(text).to_bytes(8, "little") + text)]
+    buffers += [memoryview(tensors[n].reshape(-1).view(torch.uint8).numpy()) for n in order if tensors[n].numel()]
+    for buf in buffers:
+        while buf.nbytes:
+            buf = buf[os.write(fd, buf):]
 
 
 def _tokenizer_from_meta(meta: dict[str, str]) -> Tokenizer:

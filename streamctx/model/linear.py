@@ -1,36 +1,35 @@
 """`linear`: `F.linear` with faster CPU paths for the few-row products of decode.
 
 Decode multiplies one row (or a few: one per batched session) by every weight matrix, so its
-speed is the rate at which the weights stream from memory. On CPU, torch's BLAS (MKL) streams
-them slowly in the shape `F.linear` asks for, `x [M, K] @ W^T`: for one row it runs a
-matrix-vector product on a single thread whatever `torch.get_num_threads()` says (SmolLM2's 30
-layers and lm_head: 44 ms per token, about 12 GB/s, at 1 and at 2 threads alike). Two other
-shapes of the same product are faster, and `linear` picks by the number of rows:
+speed is the rate at which the weights stream from memory, and with a few rows, how well the
+product is blocked. On CPU, torch's BLAS (MKL) does neither well in the shape `F.linear` asks
+for, `x [M, K] @ W^T`: for one row it runs a matrix-vector product on a single thread whatever
+`torch.get_num_threads()` says (SmolLM2's 30 layers and lm_head: 44 ms per token, about 12 GB/s),
+and 16 rows take 84 ms. `linear` picks by the number of rows:
 
-- `rows <= COLUMN_MAX_ROWS`: `W @ x^T`, a matrix times a narrow column block, with a lone row
-  duplicated into two columns (one column is the slow matrix-vector call again). MKL streams W
-  for this at 32 GB/s on 2 threads: 17 ms per token, 2.5x `F.linear`; 1.5x at 1 thread.
-- up to `MAX_ROWS` rows with 2+ threads: the weight's output rows in `CHUNKS` chunks run as
-  one batched matmul, which torch spreads over its threads (1.1-1.3x at 8-32 rows, even at 64).
+- up to `MAX_ROWS` rows, where the native kernels are built (`streamctx.operators.cpu`, AVX-512):
+  `matmul_nt`, 4x4 register tiles over torch's threads. Each output is summed in an order fixed
+  by K alone, so a session's row has the same bits in a batch of 16 as alone, at any thread
+  count. SmolLM2, 2 threads: 1 row 19 ms (streaming at the machine's read rate), 16 rows 46 ms.
+- without them: `rows <= COLUMN_MAX_ROWS`: `W @ x^T`, a matrix times a narrow column block
+  (a lone row duplicated into two columns; one column is the slow matrix-vector call again),
+  17 ms for one row on 2 threads; up to `MAX_ROWS` rows with 2+ threads: the weight's output rows
+  in `CHUNKS` chunks as one batched matmul, which torch spreads over its threads (1.1-1.3x).
 - anything else, including anything autograd must see: `F.linear`, which threads large products.
 
-Measured on the dev machine (2 cores, SmolLM2's shapes, all 30 layers + lm_head, ms):
+Measured on the dev machine (2 cores, SmolLM2's shapes, all 30 layers + lm_head, ms; the
+machine's read rate swings with its neighbours, so compare within a row):
 
-    rows           1     2     3     4     8    16    32    64
-    F.linear, 2t  43.6  72.3  92.2  60.4  54.1  64.6  87.9 130
-    W @ x^T, 2t   17.2  17.7  25.4  27.0  43.6  59.1  82.3 138
-    chunked, 2t   23.9  35.7  43.4  35.6  41.1  52.7  74.4 128
-    F.linear, 1t  42.6  71.2  89.2  60.0  70.8  92.7 134   224
-    W @ x^T, 1t   28.6  29.0  45.2  48.7  79.7 106   152   247
+    rows           1     4     8    16    32    64
+    F.linear, 2t  43.0  61.4  66.4  84.0 109   162
+    torch paths   18.1  27.4  41.9  55.9  80.3 132
+    native, 2t    19.3  24.9  33.0  46.2  73.7 131
 
-Both stay in torch's own thread pool: numpy's OpenBLAS also splits small products over its
-threads (22 ms per token in isolation) but was 4x *slower* than torch inside the real decode
-loop on 2 cores, because its pool and torch's OpenMP pool spin-wait against each other.
+Everything stays in torch's own OpenMP pool (the native library binds torch's libgomp): numpy's
+OpenBLAS also splits small products over its threads but was 4x *slower* than torch inside the
+real decode loop on 2 cores, because its pool and torch's spin-wait against each other.
 
-The chunk count is fixed (`CHUNKS`, not derived from the thread count), so 2, 4 or 8 threads
-give the same bits; `F.linear` itself does not promise that (on the dev machine its 5-row
-products differ in the last bit between 1 and 2 threads). `F.linear` is the reference: results
-agree within fp32 rounding, not necessarily bit for bit.
+`F.linear` is the reference: results agree within fp32 rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -40,6 +39,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from streamctx.operators import cpu as native
 
 COLUMN_MAX_ROWS = 4  # at most this many rows: W @ x^T
 MAX_ROWS = 64  # above this, F.linear (its BLAS call is threaded there)
@@ -61,9 +62,11 @@ def split_linear(enabled: bool) -> Iterator[None]:
 
 def choose_path(rows: int, out_features: int, threads: int) -> tuple[str, int]:
     """The path for an `[rows, K] x [out_features, K]^T` product at `threads` torch threads:
-    `("column", 0)`, `("chunked", chunks)` or `("plain", 0)` (`F.linear`)."""
+    `("native", 0)`, `("column", 0)`, `("chunked", chunks)` or `("plain", 0)` (`F.linear`)."""
     if not _enabled or rows < 1:
         return "plain", 0
+    if rows <= MAX_ROWS and native.enabled():
+        return "native", 0
     if rows <= COLUMN_MAX_ROWS:
         return "column", 0
     chunks = min(CHUNKS, out_features // MIN_CHUNK_ROWS)
@@ -89,6 +92,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     path, chunks = choose_path(m, n, torch.get_num_threads())
     if path == "plain":
         return F.linear(x, weight, bias)
+    if path == "native":
+        return native.matmul_nt(x, weight, bias)
     if path == "column":
         cols = x.expand(2, k).contiguous() if m == 1 else x.contiguous()  # [M', K], M' >= 2
         out = torch.matmul(weight, cols.t()).t()[:m].contiguous()  # [N, M'] -> [M, N]

@@ -19,7 +19,12 @@ cache, so sessions of different lengths batch without padding (ragged attention)
 Sessions that decode one token and whose policy has no attention hooks form the *decode group*
 (continuous batching's common step): their RoPE is one call and their K/V writes one indexed
 copy per layer, and their block tables are kept as single runs (`streamctx.kv.batch`), so each
-session's attention reads its cache as a zero-copy view. On the CPU, gathering all caches into a
+session's attention reads its cache as a zero-copy view. On the CPU (fp32, head_dim a multiple of
+16) where the native kernels are built, the group attends in one `paged_decode_attention` call
+that reads every session's blocks in place through its block table, and a lone decoding session
+takes the same kernel, so batched and one-at-a-time decode give the same bits (16 sessions at
+512 tokens: 20 ms a step for 30 layers, against 41 ms in per-session calls). Without the native
+kernels, the per-session calls remain: gathering all caches into a
 padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the gather copies every attended key
 each step and cost more than the per-session attention calls it replaced (16 sessions x 2K tokens:
 30 ms vs 3.6 ms per layer on 2 cores). On CUDA the per-session calls are launch-bound and the
@@ -45,6 +50,7 @@ from streamctx.model.functional import Weights, rms_norm
 from streamctx.model.linear import linear
 from streamctx.model.ops import attention
 from streamctx.model.rope import Rope, apply_rope, rerotate
+from streamctx.operators import cpu as native
 from streamctx.operators.policies.base import CachePolicy
 from streamctx.state import StateBlob
 
@@ -200,6 +206,8 @@ class LlamaModel:
         g_caches = [caches[i] for i in group]
         g_pos = torch.tensor([caches[i].n_fed for i in group], dtype=torch.int64, device=dev)
         rope_prev: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
+        native_decode = (not key_mass and c.sliding_window is None and self._native_attention_fits()
+                         and native.enabled())
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
             qkv = linear(h, layer.w_qkv, layer.b_qkv).view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
@@ -212,7 +220,9 @@ class LlamaModel:
                 part = qkv if len(group) == len(caches) else qkv.index_select(0, g_rows)  # [B, Hq + 2 Hkv, D]
                 qk = apply_rope(part[:, :hqk], rope_prev[1], rope_prev[2])  # [B, Hq + Hkv, D]
                 append_one_each(g_caches, li, qk[:, c.num_heads:], part[:, hqk:], g_pos, rope_at)
-                if dev.type in PADDED_DECODE_DEVICES and not key_mass and c.sliding_window is None:
+                if native_decode:
+                    a = _native_decode_attention(g_caches, li, qk[:, :c.num_heads], self.scale).reshape(-1, hq)
+                elif dev.type in PADDED_DECODE_DEVICES and not key_mass and c.sliding_window is None:
                     a = _padded_decode_attention(g_caches, li, qk[:, :c.num_heads], self.scale).reshape(-1, hq)
                 else:
                     g_out = []
@@ -240,11 +250,19 @@ class LlamaModel:
                 q, k, v = qk[:c.num_heads], qk[c.num_heads:], part[hqk:]
                 past = cache.layers[li].length
                 cache.append(li, k, v, pos, rpos)
-                keys, values = cache.kv(li)
                 policy = cache.policy
                 if policy is not None and getattr(policy, "observes_queries", False):
                     policy.observe(li, q, rpos)
                 extend = policy is not None and getattr(policy, "extends_attention", False)
+                if n == 1 and native_decode and not extend:  # the decode group's kernel: the same bits
+                    o = _native_decode_attention([cache], li, q.transpose(0, 1), self.scale).view(n, hq)
+                    if a is not None:
+                        a[off:off + n] = o
+                    else:
+                        outs.append(o)
+                    off += n
+                    continue
+                keys, values = cache.kv(li)
                 res = attention(q[None], keys[None], values[None], causal=True, q_offset=past,
                                 window=c.sliding_window, scale=self.scale, return_lse=extend,
                                 return_key_mass=key_mass)
@@ -270,6 +288,13 @@ class LlamaModel:
         for (cache, _), n in zip(batch, lens):
             cache.n_fed += n
         return x
+
+    def _native_attention_fits(self) -> bool:
+        """Whether the native decode attention kernel takes this model's shapes on its device."""
+        c = self.config
+        return (self.device.type == "cpu" and self.dtype == torch.float32 and c.head_dim % 16 == 0
+                and c.head_dim <= native.kernels.MAX_HEAD_DIM
+                and c.num_heads // c.num_kv_heads <= native.kernels.MAX_GROUP)
 
     def head(self, x: torch.Tensor, lens: Sequence[int], flags: Sequence[bool]) -> list[torch.Tensor]:
         """Final norm and lm_head on `x [N, H]`: per session `[T_i, V]` where `flags[i]`, else `[V]`."""
@@ -349,6 +374,24 @@ def _padded_decode_attention(caches: Sequence[SessionKV], layer: int, q: torch.T
     out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, attn_mask=valid[:, None, None, :],
                                          scale=scale)  # [B, Hkv, G, D]
     return out.reshape(b, hq, d)
+
+
+def _native_decode_attention(caches: Sequence[SessionKV], layer: int, q: torch.Tensor, scale: float
+                             ) -> torch.Tensor:
+    """Decode attention of sessions that each appended one token (its key already in the cache):
+    q `[B, Hq, D]` -> `[B, Hq, D]`, straight from the pool's blocks through each block table
+    (`streamctx.operators.cpu.paged_decode_attention`; no gather, any table layout)."""
+    pool = caches[0].pool
+    blocks: list[int] = []
+    offsets, lengths = [0], []
+    for cache in caches:
+        table = cache.layers[layer]
+        blocks.extend(table.blocks)
+        offsets.append(len(blocks))
+        lengths.append(table.length)
+    return native.paged_decode_attention_unchecked(
+        q.contiguous(), pool.flat_k(layer), pool.flat_v(layer), torch.tensor(blocks, dtype=torch.int32),
+        torch.tensor(offsets, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64), pool.block_size, scale)
 
 
 def _decode_group(caches: Sequence[SessionKV], lens: Sequence[int]) -> list[int]:

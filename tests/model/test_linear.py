@@ -12,7 +12,25 @@ from hypothesis import strategies as st
 
 from streamctx.model import linear as linear_mod
 from streamctx.model.linear import CHUNKS, COLUMN_MAX_ROWS, MAX_ROWS, choose_path, linear, split_linear
+from streamctx.operators import cpu
+from streamctx.operators.cpu import native_kernels
 from tests.tolerances import assert_close, assert_lowp_close
+
+
+@pytest.fixture
+def torch_paths() -> Iterator[None]:
+    """The torch paths `linear` takes where the native kernels are not built."""
+    with native_kernels(False):
+        yield
+
+
+@pytest.fixture(scope="module", params=["native", "torch"])
+def paths(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run with the native kernels (where built) and with the torch paths they replace."""
+    if request.param == "native" and not cpu.available():
+        pytest.skip(f"native kernels unavailable: {cpu.why_unavailable()}")
+    with native_kernels(request.param == "native"):
+        yield request.param
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +53,7 @@ def _inputs(m: int, k: int, n: int, seed: int, strided: bool) -> tuple[torch.Ten
        k=st.sampled_from([1, 7, 64, 97, 576]),
        n=st.sampled_from([1, 17, 31, 32, 127, 128, 129, 960, 1001]),
        bias=st.booleans(), strided=st.booleans(), seed=st.integers(0, 2**16))
-def test_linear_matches_f_linear(two_threads: None, m: int, k: int, n: int, bias: bool, strided: bool,
+def test_linear_matches_f_linear(two_threads: None, paths: str, m: int, k: int, n: int, bias: bool, strided: bool,
                                  seed: int) -> None:
     x, w = _inputs(m, k, n, seed, strided)
     b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 1)) if bias else None
@@ -52,8 +70,9 @@ def test_linear_matches_f_linear(two_threads: None, m: int, k: int, n: int, bias
 
 @pytest.mark.parametrize("m", [1, 3, COLUMN_MAX_ROWS + 1, MAX_ROWS])
 @pytest.mark.parametrize("n", [960, 1001])  # 1001: chunks plus a remainder of rows
-def test_fast_paths_are_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch, m: int, n: int) -> None:
-    """The fast paths really run (F.linear only for a chunked product's remainder rows) and equal
+def test_fast_paths_are_taken(two_threads: None, torch_paths: None, monkeypatch: pytest.MonkeyPatch, m: int,
+                              n: int) -> None:
+    """The torch fast paths (the native one: tests/operators/cpu) really run (F.linear only for a chunked product's remainder rows) and equal
     F.linear; with them switched off the whole product is one F.linear call."""
     calls: list[tuple[int, ...]] = []
     real = F.linear
@@ -79,6 +98,15 @@ def test_fast_paths_are_taken(two_threads: None, monkeypatch: pytest.MonkeyPatch
 
 
 def test_path_choice() -> None:
+    with native_kernels(True):
+        native = cpu.available()
+        assert choose_path(1, 49152, 1) == (("native", 0) if native else ("column", 0))
+        assert choose_path(MAX_ROWS, 576, 2) == (("native", 0) if native else ("chunked", CHUNKS))
+        assert choose_path(MAX_ROWS + 1, 576, 2) == ("plain", 0)
+
+
+
+def test_torch_path_choice(torch_paths: None) -> None:
     assert choose_path(1, 49152, 1) == ("column", 0)  # one row: W @ x^T at any thread count
     assert choose_path(COLUMN_MAX_ROWS, 7, 2) == ("column", 0)
     assert choose_path(COLUMN_MAX_ROWS + 1, 576, 2) == ("chunked", CHUNKS)
@@ -93,7 +121,7 @@ def test_path_choice() -> None:
 
 @given(m=st.sampled_from([1, 2, 3, 5, 8, 17, 64]), k=st.sampled_from([7, 32, 97, 576]),
        n=st.sampled_from([32, 100, 129, 1001, 1536]), seed=st.integers(0, 2**16))
-def test_same_bits_at_two_and_four_threads(m: int, k: int, n: int, seed: int) -> None:
+def test_same_bits_at_two_and_four_threads(paths: str, m: int, k: int, n: int, seed: int) -> None:
     """Any thread count that takes the same path gives the same bits (the chunk count is fixed)."""
     x, w = _inputs(m, k, n, seed, strided=False)
     before = torch.get_num_threads()

@@ -1,0 +1,20 @@
+"""Native CPU kernels (fp32, AVX-512) for the products decode spends its time on.
+
+`matmul_nt` (few-row `x @ W^T`) and `paged_decode_attention` (one query per session over its
+paged K/V) run a small C library compiled on first use (`native`). Where it cannot be built,
+`available()` is False and callers keep their torch paths. The plain references with the same
+signatures are in `naive`.
+"""
+
+from streamctx.operators.cpu.kernels import (
+    available,
+    enabled,
+    matmul_nt,
+    native_kernels,
+    paged_decode_attention,
+    paged_decode_attention_unchecked,
+    why_unavailable,
+)
+
+__all__ = ["available", "enabled", "matmul_nt", "native_kernels", "paged_decode_attention",
+           "paged_decode_attention_unchecked", "why_unavailable"]

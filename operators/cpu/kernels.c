@@ -1,0 +1,357 @@
+/* streamctx native CPU kernels (fp32, AVX-512, OpenMP).
+ *
+ * Built on first use by streamctx.operators.cpu.native (gcc -O3 -march=native -fopenmp) and
+ * loaded with ctypes after torch, so `#pragma omp` regions run on torch's own OpenMP pool.
+ *
+ * Two products that decode spends its time on and that no BLAS call shape does well here:
+ *   sc_matmul_nt                y[M, N] = x[M, K] . w[N, K]^T (+ bias), for the few rows of decode;
+ *   sc_paged_decode_attention   one query per session against its paged K/V blocks.
+ *
+ * Each output is computed by one thread in an order that depends only on K (or on the session's
+ * keys), never on M, on the batch, or on the thread count: a session's row of a batched product
+ * has the same bits as the product of that row alone, and 1, 2 or 8 threads give the same bits.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <omp.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+int sc_version(void) { return 1; }
+
+int sc_has_avx512(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Contiguous share [lo, hi) of n items for this thread: the split never affects an output. */
+static inline void share(int64_t n, int64_t *lo, int64_t *hi) {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t per = n / nt, extra = n % nt;
+    *lo = t * per + (t < extra ? t : extra);
+    *hi = *lo + per + (t < extra ? 1 : 0);
+}
+
+#ifdef __AVX512F__
+/* ---------------------------------------------------------------------------------------------
+ * y = x . w^T. Tiles of MR x-rows by NR w-rows; each (m, n) pair accumulates 16 lanes over K in
+ * steps of 16 (the last step masked), then one fixed lane reduction: the same order for every
+ * tile shape, so tails and full tiles agree bit for bit.
+ */
+#define MR 4
+#define NR 4
+/* Keeps a loaded vector in a register: gcc otherwise folds the load into every FMA that uses it,
+ * and the tile then issues MR * NR loads per step instead of MR + NR. */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+
+static inline __attribute__((always_inline)) void tile(
+        const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
+        float *y, int64_t ldy, int64_t K, int mr, int nr, const char *pf, int64_t pf_lines) {
+    __m512 acc[MR][NR];
+    /* Prefetches `pf_lines` cache lines from `pf` (part of the next weight block), spread over the
+     * k steps, so the next block streams in while this one computes. */
+    int64_t per_step = (pf_lines + (K + 15) / 16 - 1) / ((K + 15) / 16), done = 0;
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[NR];
+        for (int j = 0; j < NR; j++) {
+            wv[j] = j < nr ? _mm512_loadu_ps(w + j * ldw + k) : _mm512_setzero_ps();
+            IN_REGISTER(wv[j]);
+        }
+        for (int64_t l = 0; l < per_step && done < pf_lines; l++, done++) _mm_prefetch(pf + 64 * done, _MM_HINT_T0);
+        for (int i = 0; i < MR; i++) {
+            if (i >= mr) break;
+            __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
+            for (int j = 0; j < NR; j++)
+                if (j < nr) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < K) {
+        __mmask16 mask = (__mmask16)((1u << (K - k)) - 1u);
+        __m512 wv[NR];
+        for (int j = 0; j < NR; j++)
+            wv[j] = j < nr ? _mm512_maskz_loadu_ps(mask, w + j * ldw + k) : _mm512_setzero_ps();
+        for (int i = 0; i < MR; i++) {
+            if (i >= mr) break;
+            __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * ldx + k);
+            for (int j = 0; j < NR; j++)
+                if (j < nr) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        if (i >= mr) break;
+        for (int j = 0; j < NR; j++) {
+            if (j >= nr) break;
+            float s = _mm512_reduce_add_ps(acc[i][j]);
+            y[i * ldy + j] = bias ? s + bias[j] : s;
+        }
+    }
+}
+
+static void tile_4x4(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
+                     float *y, int64_t ldy, int64_t K, const char *pf, int64_t pf_lines) {
+    tile(x, ldx, w, ldw, bias, y, ldy, K, MR, NR, pf, pf_lines);
+}
+
+static void tile_1x4(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
+                     float *y, int64_t ldy, int64_t K, const char *pf, int64_t pf_lines) {
+    tile(x, ldx, w, ldw, bias, y, ldy, K, 1, NR, pf, pf_lines);
+}
+
+static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
+                     float *y, int64_t ldy, int64_t K, int mr, int nr) {
+    tile(x, ldx, w, ldw, bias, y, ldy, K, mr, nr, NULL, 0);
+}
+#endif
+
+/* y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * K + k] (+ bias[n]); bias may be NULL. */
+void sc_matmul_nt(const float *x, int64_t ldx, const float *w, const float *bias,
+                  float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+#ifdef __AVX512F__
+    int64_t nblocks = (N + NR - 1) / NR;
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        share(nblocks, &lo, &hi);
+        for (int64_t nb = lo; nb < hi; nb++) {
+            int64_t n = nb * NR;
+            int nr = (int)(N - n < NR ? N - n : NR);
+            const float *wn = w + n * K;
+            const float *bn = bias ? bias + n : NULL;
+            int64_t m = 0;
+            if (nr == NR) {
+                /* The next block (this thread's) is prefetched in equal parts over the passes. */
+                int64_t passes = M / MR + (M % MR == 1), lines = nb + 1 < hi ? NR * K / 16 : 0;
+                const char *next = (const char *)(wn + NR * K);
+                for (int64_t pass = 0; m + MR <= M; m += MR, pass++)
+                    tile_4x4(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K,
+                             next + 64 * (pass * lines / passes), (pass + 1) * lines / passes - pass * lines / passes);
+                if (M - m == 1) {
+                    tile_1x4(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K,
+                             next + 64 * ((passes - 1) * lines / passes), lines - (passes - 1) * lines / passes);
+                    m = M;
+                }
+            }
+            for (; m < M; m += MR) {
+                int mr = (int)(M - m < MR ? M - m : MR);
+                tile_any(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K, mr, nr);
+            }
+        }
+    }
+#else
+    (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy; (void)M; (void)N; (void)K;
+#endif
+}
+
+#ifdef __AVX512F__
+/* ---------------------------------------------------------------------------------------------
+ * exp(x) for x <= 0 (softmax after subtracting the running max): 2^n * p(r), r in [-ln2/2, ln2/2],
+ * Cody-Waite split of ln 2 and a degree-6 polynomial (relative error ~2e-7, as expf).
+ */
+static inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
+    const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));  /* below: 0 after scalef */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* r[j] = the sum of the 16 lanes of a[j], for 16 vectors at once (a transpose-and-add tree: about
+ * 3 instructions a vector where 16 separate reductions take 8 each). Each sum's order depends on
+ * lane positions only. */
+static inline __m512 reduce16(const __m512 a[16]) {
+    __m512 b[8], c[4], e[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit quarter: [a2i 0+2, a2i+1 0+2, a2i 1+3, a2i+1 1+3] */
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {  /* quarter q, element r: quarter q's sum of a[4i + r] */
+        __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)  /* [c2i q0+q1, c2i q2+q3, c2i+1 q0+q1, c2i+1 q2+q3] */
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+#define MAX_G 16     /* query heads per KV head */
+#define MAX_DV 16    /* head_dim / 16 */
+#define KT 64        /* keys per score tile */
+
+/* One (session, KV head): G query rows q[G, D] against `length` keys found through `blocks`.
+ * Writes out[g * ostride + d] and, when lse != NULL, lse[g] (natural log). Keys go in tiles of
+ * at most KT that never cross a block, so a tile's keys are consecutive rows in memory. Per tile
+ * and query row: scores (16 keys per reduce16), the online-softmax update, then the weighted sum
+ * of the tile's values. `dv` (D / 16) is a constant in the specialised copies below, so the loops
+ * over it unroll and the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend(
+        const float *q, int64_t qstride, const float *kh, const float *vh, const int32_t *blocks,
+        int64_t length, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse,
+        const int dv) {
+    const int64_t D = 16 * dv;
+    __m512 ov[MAX_G][MAX_DV];
+    float mx[MAX_G], sum[MAX_G];
+    float s[KT] __attribute__((aligned(64)));  /* one row's scores, then probabilities */
+    for (int g = 0; g < G; g++) {
+        for (int c = 0; c < dv; c++) ov[g][c] = _mm512_setzero_ps();
+        mx[g] = -FLT_MAX;
+        sum[g] = 0.0f;
+    }
+    for (int64_t t0 = 0; t0 < length;) {
+        int64_t in_block = t0 % bs;
+        int64_t nt = bs - in_block < KT ? bs - in_block : KT;
+        if (length - t0 < nt) nt = length - t0;
+        const int64_t row0 = ((int64_t)blocks[t0 / bs] * bs + in_block) * D;
+        const float *kt = kh + row0, *vt = vh + row0;  /* the tile: nt consecutive rows of D */
+        /* The next tile's rows, prefetched while this one computes (the hardware prefetcher alone
+         * leaves the kernel waiting on memory: 9 vs 25 GB/s for torch.sum on the same machine). */
+        const float *kn = NULL, *vn = NULL;
+        int64_t nn = 0;
+        if (t0 + nt < length) {
+            int64_t t1 = t0 + nt, ib = t1 % bs;
+            nn = bs - ib < KT ? bs - ib : KT;
+            if (length - t1 < nn) nn = length - t1;
+            kn = kh + ((int64_t)blocks[t1 / bs] * bs + ib) * D;
+            vn = vh + ((int64_t)blocks[t1 / bs] * bs + ib) * D;
+        }
+        for (int g = 0; g < G; g++) {
+            __m512 qv[MAX_DV], o[MAX_DV], o2[MAX_DV];
+            for (int c = 0; c < dv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * qstride + c * 16), _mm512_set1_ps(scale));
+            for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+                __m512 a[16];
+                if (g == 0)
+                    for (int64_t line = j0 * dv; line < (j0 + 16) * dv && line < nn * dv; line++) {
+                        _mm_prefetch((const char *)(kn + 16 * line), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(vn + 16 * line), _MM_HINT_T0);
+                    }
+                if (j0 + 16 <= nt) {  /* a full group: no conditions, so the 16 chains stay in registers */
+                    for (int j = 0; j < 16; j++) {
+                        const float *kr = kt + (j0 + j) * D;
+                        a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+                        for (int c = 1; c < dv; c++) a[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + c * 16), a[j]);
+                    }
+                } else {
+                    for (int j = 0; j < 16; j++) {
+                        if (j0 + j < nt) {
+                            const float *kr = kt + (j0 + j) * D;
+                            a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+                            for (int c = 1; c < dv; c++) a[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + c * 16), a[j]);
+                        } else {
+                            a[j] = _mm512_setzero_ps();
+                        }
+                    }
+                }
+                _mm512_store_ps(&s[j0], reduce16(a));
+            }
+            __m512 mx16 = _mm512_set1_ps(mx[g]);
+            for (int64_t j = 0; j < nt; j += 16) {
+                __mmask16 mask = nt - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nt - j)) - 1u);
+                mx16 = _mm512_mask_max_ps(mx16, mask, mx16, _mm512_load_ps(&s[j]));
+            }
+            float m = _mm512_reduce_max_ps(mx16);
+            float corr = expf(mx[g] - m);
+            mx[g] = m;
+            __m512 mv = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < nt; j += 16) {
+                __mmask16 mask = nt - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nt - j)) - 1u);
+                __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_load_ps(&s[j]), mv)));
+                _mm512_store_ps(&s[j], p);
+                acc = _mm512_add_ps(acc, p);
+            }
+            sum[g] = sum[g] * corr + _mm512_reduce_add_ps(acc);
+            __m512 cv = _mm512_set1_ps(corr);
+            for (int c = 0; c < dv; c++) {  /* odd keys in o2: two chains halve the FMA latency a key */
+                o[c] = _mm512_mul_ps(ov[g][c], cv);
+                o2[c] = _mm512_setzero_ps();
+            }
+            int64_t j = 0;
+            for (; j + 2 <= nt; j += 2) {
+                const float *vr = vt + j * D;
+                __m512 p = _mm512_set1_ps(s[j]), p2 = _mm512_set1_ps(s[j + 1]);
+                for (int c = 0; c < dv; c++) {
+                    o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + c * 16), o[c]);
+                    o2[c] = _mm512_fmadd_ps(p2, _mm512_loadu_ps(vr + D + c * 16), o2[c]);
+                }
+            }
+            if (j < nt) {
+                __m512 p = _mm512_set1_ps(s[j]);
+                for (int c = 0; c < dv; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + j * D + c * 16), o[c]);
+            }
+            for (int c = 0; c < dv; c++) ov[g][c] = _mm512_add_ps(o[c], o2[c]);
+        }
+        t0 += nt;
+    }
+    for (int g = 0; g < G; g++) {
+        __m512 inv = _mm512_set1_ps(1.0f / sum[g]);
+        for (int c = 0; c < dv; c++) _mm512_storeu_ps(out + g * ostride + c * 16, _mm512_mul_ps(ov[g][c], inv));
+        if (lse) lse[g] = mx[g] + logf(sum[g]);
+    }
+}
+
+#define ATTEND_ARGS const float *q, int64_t qstride, const float *kh, const float *vh, const int32_t *blocks, \
+    int64_t length, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse
+#define ATTEND_PASS q, qstride, kh, vh, blocks, length, bs, G, scale, out, ostride, lse
+static void attend_d64(ATTEND_ARGS) { attend(ATTEND_PASS, 4); }
+static void attend_d128(ATTEND_ARGS) { attend(ATTEND_PASS, 8); }
+static void attend_any(ATTEND_ARGS, int dv) { attend(ATTEND_PASS, dv); }
+
+static void attend_one(ATTEND_ARGS, int64_t D) {
+    if (D == 64) attend_d64(ATTEND_PASS);
+    else if (D == 128) attend_d128(ATTEND_PASS);
+    else attend_any(ATTEND_PASS, (int)(D / 16));
+}
+#endif
+
+/* Decode attention of B sessions, one query each, over a paged cache.
+ *   q      [B, Hq, D] contiguous (rotated, unscaled)
+ *   k, v   one layer of the pool: [Hkv, S, D] contiguous, S = num_blocks * block_size slots
+ *   blocks int32 block ids; session b uses blocks[offsets[b] .. offsets[b+1]), key t at slot
+ *          blocks[offsets[b] + t / bs] * bs + t % bs, t < lengths[b] (lengths[b] >= 1)
+ *   out    [B, Hq, D]; lse [B, Hq] or NULL
+ * Query heads h * G .. h * G + G - 1 share KV head h (grouped-query attention).
+ * Returns 0, or -1 for a shape the kernel does not take (the caller checks beforehand). */
+int sc_paged_decode_attention(const float *q, const float *k, const float *v, int64_t S,
+                              const int32_t *blocks, const int64_t *offsets, const int64_t *lengths,
+                              int64_t bs, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale,
+                              float *out, float *lse) {
+#ifdef __AVX512F__
+    if (D % 16 != 0 || D / 16 > MAX_DV || Hq % Hkv != 0 || Hq / Hkv > MAX_G) return -1;
+    int G = (int)(Hq / Hkv);
+    int64_t items = B * Hkv;
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        share(items, &lo, &hi);
+        for (int64_t it = lo; it < hi; it++) {
+            int64_t b = it / Hkv, h = it % Hkv;
+            attend_one(q + (b * Hq + h * G) * D, D, k + h * S * D, v + h * S * D, blocks + offsets[b],
+                       lengths[b], bs, G, scale, out + (b * Hq + h * G) * D, D,
+                       lse ? lse + b * Hq + h * G : NULL, D);
+        }
+    }
+    return 0;
+#else
+    (void)q; (void)k; (void)v; (void)S; (void)blocks; (void)offsets; (void)lengths; (void)bs; (void)B;
+    (void)Hq; (void)Hkv; (void)D; (void)scale; (void)out; (void)lse;
+    return -1;
+#endif
+}

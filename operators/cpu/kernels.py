@@ -1,0 +1,133 @@
+"""Tensor-level entry points to the native kernels (`native` builds and loads them)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from streamctx.operators.cpu import native
+
+MAX_GROUP = 16  # query heads per KV head the attention kernel takes (kernels.c MAX_G)
+MAX_HEAD_DIM = 256  # kernels.c MAX_DV * 16
+
+
+_switched_on = True
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (building them on the first call)."""
+    return native.available()
+
+
+def enabled() -> bool:
+    """Whether callers should take the native kernels now: available and not switched off."""
+    return _switched_on and native.available()
+
+
+@contextmanager
+def native_kernels(on: bool) -> Iterator[None]:
+    """Let callers take the native kernels (`on`) or keep them on their torch paths inside the
+    block (process-wide; benchmarks and tests compare the two)."""
+    global _switched_on
+    before, _switched_on = _switched_on, on
+    try:
+        yield
+    finally:
+        _switched_on = before
+
+
+def why_unavailable() -> str | None:
+    return native.why_unavailable()
+
+
+def _check_cpu_f32(name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+
+
+def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [M, K] @ weight [N, K]^T (+ bias [N])` -> `[M, N]`, as `F.linear`.
+
+    Each output is summed in an order that depends on K only, so a row's result does not depend
+    on M or on the thread count. `x` may have a row stride; `weight` and `bias` are contiguous.
+    """
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    for name, t in (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        _check_cpu_f32(name, t)
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"matmul_nt needs x [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m and n:
+        lib.sc_matmul_nt(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                         out.data_ptr(), n, m, n, k)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor,
+                           offsets: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float, *,
+                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of B sessions, one query each, over one layer of a paged cache.
+
+    q `[B, Hq, D]`; k_pool, v_pool `[Hkv, S, D]` (S slots, slot = block * block_size + offset);
+    session b's blocks are `blocks[offsets[b]:offsets[b + 1]]` (int32) and it attends its first
+    `lengths[b]` keys (int64, >= 1), all of them (its query is the newest position). Query head i
+    reads KV head `i // (Hq // Hkv)`. Returns out `[B, Hq, D]` (and lse `[B, Hq]`, natural log).
+    """
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        _check_cpu_f32(name, t)
+    b, hq, d = q.shape
+    hkv, slots, dk = k_pool.shape
+    if tuple(v_pool.shape) != (hkv, slots, d) or dk != d:
+        raise ValueError(f"k_pool/v_pool must be [Hkv, S, {d}], got {list(k_pool.shape)} and {list(v_pool.shape)}")
+    if d % 16 or d > MAX_HEAD_DIM or hq % hkv or hq // hkv > MAX_GROUP:
+        raise ValueError(f"unsupported heads: Hq={hq}, Hkv={hkv}, D={d} (need D % 16 == 0, D <= {MAX_HEAD_DIM}, "
+                         f"Hq // Hkv <= {MAX_GROUP})")
+    if blocks.dtype != torch.int32 or offsets.dtype != torch.int64 or lengths.dtype != torch.int64:
+        raise ValueError("blocks must be int32, offsets and lengths int64")
+    if offsets.shape != (b + 1,) or lengths.shape != (b,):
+        raise ValueError(f"offsets must be [{b + 1}] and lengths [{b}]")
+    need = (lengths + block_size - 1) // block_size
+    if b and (bool((lengths < 1).any()) or bool((offsets[1:] - offsets[:-1] < need).any())):
+        raise ValueError("every session needs length >= 1 and enough blocks for its length")
+    if blocks.numel() and (int(blocks.min()) < 0 or (int(blocks.max()) + 1) * block_size > slots):
+        raise ValueError("a block id is outside the pool")
+    return paged_decode_attention_unchecked(q.contiguous(), k_pool.contiguous(), v_pool.contiguous(),
+                                            blocks.contiguous(), offsets.contiguous(), lengths.contiguous(),
+                                            block_size, scale, return_lse=return_lse)
+
+
+def paged_decode_attention_unchecked(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                                     blocks: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor,
+                                     block_size: int, scale: float, *, return_lse: bool = False
+                                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`paged_decode_attention` without its checks, for callers that build valid, contiguous
+    inputs themselves (the model's decode step; the checks cost more than the kernel there)."""
+    lib = native.library()
+    assert lib is not None
+    b, hq, d = q.shape
+    hkv, slots, _ = k_pool.shape
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    lse = torch.empty(b, hq, dtype=torch.float32) if return_lse else None
+    if b:
+        rc = lib.sc_paged_decode_attention(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots,
+                                           blocks.data_ptr(), offsets.data_ptr(), lengths.data_ptr(), block_size,
+                                           b, hq, hkv, d, scale, out.data_ptr(),
+                                           None if lse is None else lse.data_ptr())
+        if rc != 0:
+            raise ValueError(f"the kernel refused the shapes Hq={hq}, Hkv={hkv}, D={d}")
+    return (out, lse) if lse is not None else out
