@@ -1,8 +1,8 @@
-"""Native CPU kernels (fp32, AVX-512) for the products decode spends its time on.
+"""Native CPU kernels (fp32, AVX-512) for the steps decode spends its time on.
 
-`matmul_nt` (few-row `x @ W^T`) and `paged_decode_attention` (one query per session over its
-paged K/V) run a small C library compiled on first use (`native`). Where it cannot be built,
-`available()` is False and callers keep their torch paths. The plain references with the same
+`matmul_nt` (few-row `x @ W^T`), `paged_decode_attention` (one query per session over its
+paged K/V), `rope_append` (RoPE and the cache write of decoded tokens), `rms_norm` and `silu_mul` run a small C library compiled on first use (`native`).
+Where it cannot be built, `available()` is False and callers keep their torch paths. The plain references with the same
 signatures are in `naive`.
 """
 
@@ -13,8 +13,13 @@ from streamctx.operators.cpu.kernels import (
     native_kernels,
     paged_decode_attention,
     paged_decode_attention_unchecked,
+    rms_norm,
+    rope_append,
+    rope_append_unchecked,
+    silu_mul,
     why_unavailable,
 )
 
 __all__ = ["available", "enabled", "matmul_nt", "native_kernels", "paged_decode_attention",
-           "paged_decode_attention_unchecked", "why_unavailable"]
+           "paged_decode_attention_unchecked", "rms_norm", "rope_append", "rope_append_unchecked", "silu_mul",
+           "why_unavailable"]

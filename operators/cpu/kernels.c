@@ -3,9 +3,11 @@
  * Built on first use by streamctx.operators.cpu.native (gcc -O3 -march=native -fopenmp) and
  * loaded with ctypes after torch, so `#pragma omp` regions run on torch's own OpenMP pool.
  *
- * Two products that decode spends its time on and that no BLAS call shape does well here:
+ * The steps decode spends its time on, which no BLAS call shape or torch op does well here:
  *   sc_matmul_nt                y[M, N] = x[M, K] . w[N, K]^T (+ bias), for the few rows of decode;
- *   sc_paged_decode_attention   one query per session against its paged K/V blocks.
+ *   sc_paged_decode_attention   one query per session against its paged K/V blocks;
+ *   sc_rms_norm, sc_silu_mul    the elementwise steps between them, in one pass each;
+ *   sc_rope_append              RoPE of the decoded tokens' q and k and their K/V cache writes.
  *
  * Each output is computed by one thread in an order that depends only on K (or on the session's
  * keys), never on M, on the batch, or on the thread count: a session's row of a batched product
@@ -14,6 +16,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -49,6 +52,9 @@ static inline void share(int64_t n, int64_t *lo, int64_t *hi) {
 #define NR 4
 /* Keeps a loaded vector in a register: gcc otherwise folds the load into every FMA that uses it,
  * and the tile then issues MR * NR loads per step instead of MR + NR. */
+/* Weight blocks ahead of the current one whose lines a tile prefetches: one block ahead keeps a
+ * one-row product (decode of one session) at 26 GB/s, two at 29-30 (SmolLM2, 2 threads). */
+#define PF_BLOCKS 2
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 
 static inline __attribute__((always_inline)) void tile(
@@ -129,9 +135,9 @@ void sc_matmul_nt(const float *x, int64_t ldx, const float *w, const float *bias
             const float *bn = bias ? bias + n : NULL;
             int64_t m = 0;
             if (nr == NR) {
-                /* The next block (this thread's) is prefetched in equal parts over the passes. */
-                int64_t passes = M / MR + (M % MR == 1), lines = nb + 1 < hi ? NR * K / 16 : 0;
-                const char *next = (const char *)(wn + NR * K);
+                /* A block ahead (this thread's) is prefetched in equal parts over the passes. */
+                int64_t passes = M / MR + (M % MR == 1), lines = PF_BLOCKS && nb + PF_BLOCKS < hi ? NR * K / 16 : 0;
+                const char *next = (const char *)(wn + PF_BLOCKS * NR * K);
                 for (int64_t pass = 0; m + MR <= M; m += MR, pass++)
                     tile_4x4(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K,
                              next + 64 * (pass * lines / passes), (pass + 1) * lines / passes - pass * lines / passes);
@@ -154,8 +160,8 @@ void sc_matmul_nt(const float *x, int64_t ldx, const float *w, const float *bias
 
 #ifdef __AVX512F__
 /* ---------------------------------------------------------------------------------------------
- * exp(x) for x <= 0 (softmax after subtracting the running max): 2^n * p(r), r in [-ln2/2, ln2/2],
- * Cody-Waite split of ln 2 and a degree-6 polynomial (relative error ~2e-7, as expf).
+ * exp(x): 2^n * p(r), r in [-ln2/2, ln2/2], Cody-Waite split of ln 2 and a degree-6
+ * polynomial (relative error ~2e-7, as expf); 0 below -103, inf above 88.7.
  */
 static inline __m512 exp512(__m512 x) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
@@ -197,7 +203,7 @@ static inline __m512 reduce16(const __m512 a[16]) {
 #define MAX_DV 16    /* head_dim / 16 */
 #define KT 64        /* keys per score tile */
 
-/* One (session, KV head): G query rows q[G, D] against `length` keys found through `blocks`.
+/* One (session, KV head): G query rows q[G, D] against keys begin..end-1 found through `blocks`.
  * Writes out[g * ostride + d] and, when lse != NULL, lse[g] (natural log). Keys go in tiles of
  * at most KT that never cross a block, so a tile's keys are consecutive rows in memory. Per tile
  * and query row: scores (16 keys per reduce16), the online-softmax update, then the weighted sum
@@ -205,7 +211,7 @@ static inline __m512 reduce16(const __m512 a[16]) {
  * over it unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void attend(
         const float *q, int64_t qstride, const float *kh, const float *vh, const int32_t *blocks,
-        int64_t length, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse,
+        int64_t begin, int64_t end, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse,
         const int dv) {
     const int64_t D = 16 * dv;
     __m512 ov[MAX_G][MAX_DV];
@@ -216,33 +222,17 @@ static inline __attribute__((always_inline)) void attend(
         mx[g] = -FLT_MAX;
         sum[g] = 0.0f;
     }
-    for (int64_t t0 = 0; t0 < length;) {
+    for (int64_t t0 = begin; t0 < end;) {
         int64_t in_block = t0 % bs;
         int64_t nt = bs - in_block < KT ? bs - in_block : KT;
-        if (length - t0 < nt) nt = length - t0;
+        if (end - t0 < nt) nt = end - t0;
         const int64_t row0 = ((int64_t)blocks[t0 / bs] * bs + in_block) * D;
         const float *kt = kh + row0, *vt = vh + row0;  /* the tile: nt consecutive rows of D */
-        /* The next tile's rows, prefetched while this one computes (the hardware prefetcher alone
-         * leaves the kernel waiting on memory: 9 vs 25 GB/s for torch.sum on the same machine). */
-        const float *kn = NULL, *vn = NULL;
-        int64_t nn = 0;
-        if (t0 + nt < length) {
-            int64_t t1 = t0 + nt, ib = t1 % bs;
-            nn = bs - ib < KT ? bs - ib : KT;
-            if (length - t1 < nn) nn = length - t1;
-            kn = kh + ((int64_t)blocks[t1 / bs] * bs + ib) * D;
-            vn = vh + ((int64_t)blocks[t1 / bs] * bs + ib) * D;
-        }
         for (int g = 0; g < G; g++) {
             __m512 qv[MAX_DV], o[MAX_DV], o2[MAX_DV];
             for (int c = 0; c < dv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * qstride + c * 16), _mm512_set1_ps(scale));
             for (int64_t j0 = 0; j0 < nt; j0 += 16) {
                 __m512 a[16];
-                if (g == 0)
-                    for (int64_t line = j0 * dv; line < (j0 + 16) * dv && line < nn * dv; line++) {
-                        _mm_prefetch((const char *)(kn + 16 * line), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(vn + 16 * line), _MM_HINT_T0);
-                    }
                 if (j0 + 16 <= nt) {  /* a full group: no conditions, so the 16 chains stay in registers */
                     for (int j = 0; j < 16; j++) {
                         const float *kr = kt + (j0 + j) * D;
@@ -308,8 +298,8 @@ static inline __attribute__((always_inline)) void attend(
 }
 
 #define ATTEND_ARGS const float *q, int64_t qstride, const float *kh, const float *vh, const int32_t *blocks, \
-    int64_t length, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse
-#define ATTEND_PASS q, qstride, kh, vh, blocks, length, bs, G, scale, out, ostride, lse
+    int64_t begin, int64_t end, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse
+#define ATTEND_PASS q, qstride, kh, vh, blocks, begin, end, bs, G, scale, out, ostride, lse
 static void attend_d64(ATTEND_ARGS) { attend(ATTEND_PASS, 4); }
 static void attend_d128(ATTEND_ARGS) { attend(ATTEND_PASS, 8); }
 static void attend_any(ATTEND_ARGS, int dv) { attend(ATTEND_PASS, dv); }
@@ -321,6 +311,87 @@ static void attend_one(ATTEND_ARGS, int64_t D) {
 }
 #endif
 
+/* RoPE (rotate-half form) and the cache write of one decoded token for each of B sessions.
+ *   qkv       row b at qkv + b * ldq: [Hq + 2 Hkv, D] (q heads, k heads, v heads), not rotated
+ *   cos, sin  row b at cos + b * ldcs ([D]; ldcs 0: one row for all)
+ *   slots[b]  the pool slot of session b's new token; pos[b], rope_pos[b] its positions
+ *   k_pool, v_pool [Hkv, S, D]; pos_pool, rope_pool [S]
+ *   q_out     [B, Hq, D]: the rotated queries
+ * Each value is x * cos + rot(x) * sin with the two products rounded apart (no FMA), the same bits
+ * as torch's `apply_rope` on the same inputs. */
+void sc_rope_append(const float *qkv, int64_t ldq, const float *cos, const float *sin, int64_t ldcs,
+                    const int64_t *slots, const int64_t *pos, const int64_t *rope_pos,
+                    float *k_pool, float *v_pool, int64_t *pos_pool, int64_t *rope_pool, int64_t S,
+                    float *q_out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D) {
+    int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++) {
+        const float *row = qkv + b * ldq, *c = cos + b * ldcs, *s = sin + b * ldcs;
+        for (int64_t h = 0; h < Hq + Hkv; h++) {
+            const float *x = row + h * D;
+            float *o = h < Hq ? q_out + (b * Hq + h) * D : k_pool + ((h - Hq) * S + slots[b]) * D;
+            for (int64_t d = 0; d < half; d++) {
+                float a = x[d] * c[d], r = -x[d + half] * s[d];
+                o[d] = a + r;
+            }
+            for (int64_t d = half; d < D; d++) {
+                float a = x[d] * c[d], r = x[d - half] * s[d];
+                o[d] = a + r;
+            }
+        }
+        for (int64_t h = 0; h < Hkv; h++)
+            memcpy(v_pool + (h * S + slots[b]) * D, row + (Hq + Hkv + h) * D, sizeof(float) * D);
+        pos_pool[slots[b]] = pos[b];
+        rope_pool[slots[b]] = rope_pos[b];
+    }
+}
+
+/* y[m, :] = x[m, :] / sqrt(mean(x[m, :]^2) + eps) * w, rows of H (x row stride ldx, y contiguous).
+ * Single-threaded: for the few rows of decode a parallel region costs more than the work. */
+void sc_rms_norm(const float *x, int64_t ldx, const float *w, float eps, float *y, int64_t M, int64_t H) {
+#ifdef __AVX512F__
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * ldx;
+        float *yr = y + m * H;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 16 <= H; k += 16) {
+            __m512 v = _mm512_loadu_ps(xr + k);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        if (k < H) {
+            __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (H - k)) - 1u), xr + k);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps));
+        for (k = 0; k + 16 <= H; k += 16)
+            _mm512_storeu_ps(yr + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), r), _mm512_loadu_ps(w + k)));
+        if (k < H) {
+            __mmask16 mask = (__mmask16)((1u << (H - k)) - 1u);
+            __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + k), r);
+            _mm512_mask_storeu_ps(yr + k, mask, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w + k)));
+        }
+    }
+#else
+    (void)x; (void)ldx; (void)w; (void)eps; (void)y; (void)M; (void)H;
+#endif
+}
+
+/* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i], for n values. */
+void sc_silu_mul(const float *gate, const float *up, float *out, int64_t n) {
+#ifdef __AVX512F__
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 mask = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, up + i)));
+    }
+#else
+    (void)gate; (void)up; (void)out; (void)n;
+#endif
+}
+
 /* Decode attention of B sessions, one query each, over a paged cache.
  *   q      [B, Hq, D] contiguous (rotated, unscaled)
  *   k, v   one layer of the pool: [Hkv, S, D] contiguous, S = num_blocks * block_size slots
@@ -328,7 +399,14 @@ static void attend_one(ATTEND_ARGS, int64_t D) {
  *          blocks[offsets[b] + t / bs] * bs + t % bs, t < lengths[b] (lengths[b] >= 1)
  *   out    [B, Hq, D]; lse [B, Hq] or NULL
  * Query heads h * G .. h * G + G - 1 share KV head h (grouped-query attention).
- * Returns 0, or -1 for a shape the kernel does not take (the caller checks beforehand). */
+ * Work items are (session, KV head, span of at most SPAN keys): a long session's spans run on
+ * several threads (one session's 3 KV heads would leave 2 threads unevenly loaded) and are merged
+ * through their lse in span order. Spans are fixed by the session's own length, so a session's
+ * result does not depend on the batch or the thread count.
+ * Returns 0, -1 for a shape the kernel does not take (the caller checks beforehand), -2 when out
+ * of memory. */
+#define SPAN 512
+
 int sc_paged_decode_attention(const float *q, const float *k, const float *v, int64_t S,
                               const int32_t *blocks, const int64_t *offsets, const int64_t *lengths,
                               int64_t bs, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale,
@@ -336,18 +414,60 @@ int sc_paged_decode_attention(const float *q, const float *k, const float *v, in
 #ifdef __AVX512F__
     if (D % 16 != 0 || D / 16 > MAX_DV || Hq % Hkv != 0 || Hq / Hkv > MAX_G) return -1;
     int G = (int)(Hq / Hkv);
-    int64_t items = B * Hkv;
+    /* first[b]: index of session b's first span; spans of a session: ceil(length / SPAN). */
+    int64_t *first = malloc(sizeof(int64_t) * (B + 1));
+    if (!first) return -2;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) first[b + 1] = first[b] + (lengths[b] + SPAN - 1) / SPAN;
+    int64_t spans = first[B], split = spans > B;
+    /* Split sessions' partial results: [spans, Hkv, G, D] outputs and [spans, Hkv, G] lse. */
+    float *part = split ? malloc(sizeof(float) * spans * Hq * D) : NULL;
+    float *part_lse = split ? malloc(sizeof(float) * spans * Hq) : NULL;
+    if (split && (!part || !part_lse)) { free(first); free(part); free(part_lse); return -2; }
+    int64_t items = spans * Hkv;
 #pragma omp parallel
     {
         int64_t lo, hi;
         share(items, &lo, &hi);
+        int64_t b = 0;
         for (int64_t it = lo; it < hi; it++) {
-            int64_t b = it / Hkv, h = it % Hkv;
-            attend_one(q + (b * Hq + h * G) * D, D, k + h * S * D, v + h * S * D, blocks + offsets[b],
-                       lengths[b], bs, G, scale, out + (b * Hq + h * G) * D, D,
-                       lse ? lse + b * Hq + h * G : NULL, D);
+            int64_t span = it / Hkv, h = it % Hkv;
+            while (first[b + 1] <= span) b++;
+            int64_t begin = (span - first[b]) * SPAN, end = begin + SPAN < lengths[b] ? begin + SPAN : lengths[b];
+            const float *qh = q + (b * Hq + h * G) * D;
+            if (first[b + 1] - first[b] == 1)  /* one span: straight to the output */
+                attend_one(qh, D, k + h * S * D, v + h * S * D, blocks + offsets[b], begin, end, bs, G, scale,
+                           out + (b * Hq + h * G) * D, D, lse ? lse + b * Hq + h * G : NULL, D);
+            else
+                attend_one(qh, D, k + h * S * D, v + h * S * D, blocks + offsets[b], begin, end, bs, G, scale,
+                           part + (span * Hq + h * G) * D, D, part_lse + span * Hq + h * G, D);
+        }
+#pragma omp barrier
+        /* Merge the spans of split sessions: (session, query head) rows, in span order. */
+        share(B * Hq, &lo, &hi);
+        for (int64_t row = lo; row < hi; row++) {
+            int64_t b = row / Hq, i = row % Hq, n = first[b + 1] - first[b];
+            if (n == 1) continue;
+            float m = -FLT_MAX, total = 0.0f;
+            for (int64_t c = 0; c < n; c++) {
+                float l = part_lse[(first[b] + c) * Hq + i];
+                m = l > m ? l : m;
+            }
+            float *o = out + row * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t c = 0; c < n; c++) {
+                float wc = expf(part_lse[(first[b] + c) * Hq + i] - m);
+                total += wc;
+                const float *pc = part + ((first[b] + c) * Hq + i) * D;
+                for (int64_t d = 0; d < D; d++) o[d] += wc * pc[d];
+            }
+            for (int64_t d = 0; d < D; d++) o[d] /= total;
+            if (lse) lse[row] = m + logf(total);
         }
     }
+    free(first);
+    free(part);
+    free(part_lse);
     return 0;
 #else
     (void)q; (void)k; (void)v; (void)S; (void)blocks; (void)offsets; (void)lengths; (void)bs; (void)B;

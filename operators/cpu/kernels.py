@@ -75,6 +75,94 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return out
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the rows of `x [M, H]` (row stride allowed) times `weight [H]` -> `[M, H]`, fp32.
+
+    Single-threaded, in one pass: for the few rows of decode (torch's fused op: ~40 us a call)."""
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _check_cpu_f32("x", x)
+    _check_cpu_f32("weight", weight)
+    if x.dim() != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(f"rms_norm needs x [M, H] and weight [H], got {list(x.shape)} and {list(weight.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.sc_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), x.shape[0], x.shape[1])
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` elementwise (the SwiGLU MLP's middle step), fp32, one pass."""
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _check_cpu_f32("gate", gate)
+    _check_cpu_f32("up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up differ in shape: {list(gate.shape)} and {list(up.shape)}")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=torch.float32)
+    lib.sc_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    return out
+
+
+def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                positions: torch.Tensor, rope_positions: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                pos_pool: torch.Tensor, rope_pool: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """RoPE and the cache write of one decoded token per session, in one pass.
+
+    qkv `[B, Hq + 2 Hkv, D]` (rows may be strided; not rotated); cos, sin `[B, D]` or `[1, D]`;
+    slots, positions, rope_positions `[B]` int64. Writes the rotated k and the v of session b at
+    pool slot `slots[b]` of k_pool, v_pool `[Hkv, S, D]` and its positions into pos_pool,
+    rope_pool `[S]`; returns the rotated queries `[B, Hq, D]`. The same bits as `apply_rope`.
+    """
+    lib = native.library()
+    if lib is None:
+        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_pool", k_pool), ("v_pool", v_pool)):
+        _check_cpu_f32(name, t)
+    b, heads, d = qkv.shape
+    hkv = (heads - num_heads) // 2
+    if num_heads + 2 * hkv != heads or tuple(k_pool.shape[::2]) != (hkv, d) or k_pool.shape != v_pool.shape:
+        raise ValueError(f"qkv {list(qkv.shape)} with {num_heads} query heads does not fit pools {list(k_pool.shape)}")
+    if cos.shape != sin.shape or cos.shape[-1] != d or cos.shape[0] not in (1, b) or d % 2:
+        raise ValueError(f"cos/sin must be [{b} or 1, {d}] (even D), got {list(cos.shape)}")
+    for name, t in (("slots", slots), ("positions", positions), ("rope_positions", rope_positions)):
+        if t.dtype != torch.int64 or t.shape != (b,):
+            raise ValueError(f"{name} must be int64 [{b}]")
+    if pos_pool.dtype != torch.int64 or rope_pool.dtype != torch.int64 or pos_pool.shape != (k_pool.shape[1],) \
+            or rope_pool.shape != (k_pool.shape[1],):
+        raise ValueError(f"pos_pool and rope_pool must be int64 [{k_pool.shape[1]}]")
+    if b and (int(slots.min()) < 0 or int(slots.max()) >= k_pool.shape[1]):
+        raise ValueError("a slot is outside the pool")
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous() and pos_pool.is_contiguous()
+            and rope_pool.is_contiguous()):
+        raise ValueError("the pools must be contiguous (they are written in place)")
+    return rope_append_unchecked(qkv, cos.contiguous(), sin.contiguous(), slots.contiguous(), positions.contiguous(),
+                                 rope_positions.contiguous(), k_pool, v_pool, pos_pool, rope_pool, num_heads)
+
+
+def rope_append_unchecked(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                          positions: torch.Tensor, rope_positions: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor, pos_pool: torch.Tensor, rope_pool: torch.Tensor,
+                          num_heads: int) -> torch.Tensor:
+    """`rope_append` without its checks (the model's decode step builds valid inputs)."""
+    lib = native.library()
+    assert lib is not None
+    b, heads, d = qkv.shape
+    if qkv.stride(2) != 1 or qkv.stride(1) != d:
+        qkv = qkv.contiguous()
+    q = torch.empty(b, num_heads, d, dtype=torch.float32)
+    lib.sc_rope_append(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), d if cos.shape[0] > 1 else 0,
+                       slots.data_ptr(), positions.data_ptr(), rope_positions.data_ptr(), k_pool.data_ptr(),
+                       v_pool.data_ptr(), pos_pool.data_ptr(), rope_pool.data_ptr(), k_pool.shape[1], q.data_ptr(),
+                       b, num_heads, (heads - num_heads) // 2, d)
+    return q
+
+
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor,
                            offsets: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float, *,
                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,32 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return out if bias is None else out + bias
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`x [M, H] * rsqrt(mean(x^2) + eps) * weight [H]`, plainly."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`gate * sigmoid(gate) * up`."""
+    return gate * torch.sigmoid(gate) * up
+
+
+def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                positions: torch.Tensor, rope_positions: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                pos_pool: torch.Tensor, rope_pool: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rotate q and k (rotate-half RoPE), write k, v and positions at the slots; returns q."""
+    hkv = (qkv.shape[1] - num_heads) // 2
+    half = qkv.shape[-1] // 2
+    qk = qkv[:, :num_heads + hkv]
+    rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+    qk = qk * cos[:, None] + rot * sin[:, None]
+    k_pool[:, slots] = qk[:, num_heads:].transpose(0, 1)
+    v_pool[:, slots] = qkv[:, num_heads + hkv:].transpose(0, 1)
+    pos_pool[slots] = positions
+    rope_pool[slots] = rope_positions
+    return qk[:, :num_heads].contiguous()
+
+
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor,
                            offsets: torch.Tensor, lengths: torch.Tensor, block_size: int, scale: float, *,
                            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

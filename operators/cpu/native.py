@@ -27,7 +27,8 @@ from pathlib import Path
 import torch  # noqa: F401  (loaded first: the library must bind to torch's libgomp)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall", "-Werror")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall",
+         "-Werror")
 ENV_SWITCH = "STREAMCTX_NATIVE_KERNELS"
 
 _state: dict[str, object] = {}
@@ -88,6 +89,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sc_matmul_nt.restype = None
     lib.sc_paged_decode_attention.argtypes = [p, p, p, i64, p, p, p, i64, i64, i64, i64, i64, f32, p, p]
     lib.sc_paged_decode_attention.restype = ctypes.c_int
+    lib.sc_rms_norm.argtypes = [p, i64, p, f32, p, i64, i64]
+    lib.sc_rms_norm.restype = None
+    lib.sc_silu_mul.argtypes = [p, p, p, i64]
+    lib.sc_silu_mul.restype = None
+    lib.sc_rope_append.argtypes = [p, i64, p, p, i64, p, p, p, p, p, p, p, i64, p, i64, i64, i64, i64]
+    lib.sc_rope_append.restype = None
 
 
 def _load() -> ctypes.CDLL | None:

@@ -45,15 +45,11 @@ def reserve_run(cache: SessionKV, layer: int, n: int) -> None:
     cache.layers[layer] = LayerTable(blocks=run, length=t.length, next_rope=t.next_rope, contiguous=True)
 
 
-def append_one_each(caches: Sequence[SessionKV], layer: int, k: torch.Tensor, v: torch.Tensor,
-                    positions: torch.Tensor, rope_positions: Sequence[int]) -> None:
-    """Append one token to each cache's `layer` with one write per tensor.
-
-    k, v: `[B, Hkv, D]` (k rotated); positions: `[B]` int64 absolute positions; rope_positions:
-    the B RoPE positions (the caches' `next_rope`). Leaves every layer a contiguous run.
-    """
-    pool = caches[0].pool
-    bs = pool.block_size
+def reserve_slots(caches: Sequence[SessionKV], layer: int, rope_positions: Sequence[int]) -> list[int]:
+    """Take one slot for a new token in each cache's `layer` (kept a contiguous run) and count the
+    token in the table; returns the flat pool slots, which the caller fills (k rotated, v and the
+    two positions). `rope_positions`: the B RoPE positions (the caches' `next_rope`)."""
+    bs = caches[0].pool.block_size
     slots = []
     for cache, rope in zip(caches, rope_positions):
         reserve_run(cache, layer, 1)
@@ -62,7 +58,18 @@ def append_one_each(caches: Sequence[SessionKV], layer: int, k: torch.Tensor, v:
         t.length += 1
         t.next_rope = rope + 1
         cache.n_new[layer] += 1
-    idx = torch.tensor(slots, dtype=torch.int64, device=pool.device)
+    return slots
+
+
+def append_one_each(caches: Sequence[SessionKV], layer: int, k: torch.Tensor, v: torch.Tensor,
+                    positions: torch.Tensor, rope_positions: Sequence[int]) -> None:
+    """Append one token to each cache's `layer` with one write per tensor.
+
+    k, v: `[B, Hkv, D]` (k rotated); positions: `[B]` int64 absolute positions; rope_positions:
+    the B RoPE positions (the caches' `next_rope`). Leaves every layer a contiguous run.
+    """
+    pool = caches[0].pool
+    idx = torch.tensor(reserve_slots(caches, layer, rope_positions), dtype=torch.int64, device=pool.device)
     pool.flat_k(layer).index_copy_(1, idx, k.transpose(0, 1))  # pool tensors fetched after any growth
     pool.flat_v(layer).index_copy_(1, idx, v.transpose(0, 1))
     pool.pos[layer].view(-1).index_copy_(0, idx, positions)

@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 
 from streamctx.kv.apply import apply_policy
-from streamctx.kv.batch import append_one_each
+from streamctx.kv.batch import append_one_each, reserve_slots
 from streamctx.kv.cache import SessionKV
 from streamctx.kv.pool import BlockPool
 from streamctx.model.config import LlamaConfig
-from streamctx.model.functional import Weights, rms_norm
+from streamctx.model.functional import Weights, rms_norm, silu_mul
 from streamctx.model.linear import linear
 from streamctx.model.ops import attention
 from streamctx.model.rope import Rope, apply_rope, rerotate
@@ -193,9 +193,12 @@ class LlamaModel:
                 rope_memo[start, n] = (cos, sin, torch.arange(start, start + n, device=dev))
             return rope_memo[start, n]
 
+        native_decode = (not key_mass and c.sliding_window is None and self._native_attention_fits()
+                         and native.enabled())
         # Sessions decoding one token with no attention hooks form the decode group: their RoPE and
         # cache writes are one call each per layer, their caches kept contiguous (zero-copy reads).
-        group = _decode_group(caches, lens) if len(caches) > 1 else []
+        # With the native kernels a lone session is a group too (the same kernels, the same bits).
+        group = _decode_group(caches, lens, min_size=1 if native_decode else 2)
         in_group = set(group)
         abs_pos = [None if i in in_group else torch.arange(cache.n_fed, cache.n_fed + n, device=dev)
                    for i, (cache, n) in enumerate(zip(caches, lens))]
@@ -205,9 +208,7 @@ class LlamaModel:
         g_rows = torch.tensor([offsets[i] for i in group], dtype=torch.int64, device=dev)
         g_caches = [caches[i] for i in group]
         g_pos = torch.tensor([caches[i].n_fed for i in group], dtype=torch.int64, device=dev)
-        rope_prev: tuple[list[int], torch.Tensor, torch.Tensor] | None = None
-        native_decode = (not key_mass and c.sliding_window is None and self._native_attention_fits()
-                         and native.enabled())
+        rope_prev: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
             h = rms_norm(x, layer.ln_attn, c.rms_norm_eps)
             qkv = linear(h, layer.w_qkv, layer.b_qkv).view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
@@ -215,27 +216,22 @@ class LlamaModel:
             if group:
                 rope_at = [cc.layers[li].next_rope for cc in g_caches]
                 if rope_prev is None or rope_prev[0] != rope_at:  # layers usually share positions
-                    cos, sin = self.rope.cos_sin(torch.tensor(rope_at, dtype=torch.int64, device=dev))
-                    rope_prev = (rope_at, cos[:, None], sin[:, None])
+                    rope_t = torch.tensor(rope_at, dtype=torch.int64, device=dev)
+                    cos, sin = self.rope.cos_sin(rope_t)  # [B, D]
+                    rope_prev = (rope_at, rope_t, cos, sin)
+                _, rope_t, cos, sin = rope_prev
                 part = qkv if len(group) == len(caches) else qkv.index_select(0, g_rows)  # [B, Hq + 2 Hkv, D]
-                qk = apply_rope(part[:, :hqk], rope_prev[1], rope_prev[2])  # [B, Hq + Hkv, D]
-                append_one_each(g_caches, li, qk[:, c.num_heads:], part[:, hqk:], g_pos, rope_at)
-                if native_decode:
-                    a = _native_decode_attention(g_caches, li, qk[:, :c.num_heads], self.scale).reshape(-1, hq)
-                elif dev.type in PADDED_DECODE_DEVICES and not key_mass and c.sliding_window is None:
-                    a = _padded_decode_attention(g_caches, li, qk[:, :c.num_heads], self.scale).reshape(-1, hq)
+                if native_decode:  # RoPE with the cache writes, then attention: two native calls
+                    slots = torch.tensor(reserve_slots(g_caches, li, rope_at), dtype=torch.int64)
+                    pool = g_caches[0].pool  # after any growth in reserve_slots
+                    q = native.rope_append_unchecked(part, cos, sin, slots, g_pos, rope_t, pool.flat_k(li),
+                                                     pool.flat_v(li), pool.pos[li].view(-1),
+                                                     pool.rope_pos[li].view(-1), c.num_heads)  # [B, Hq, D]
+                    a = _native_decode_attention(g_caches, li, q, self.scale).reshape(-1, hq)
                 else:
-                    g_out = []
-                    for j, cache in enumerate(g_caches):
-                        keys, values = cache.kv(li)
-                        res = attention(qk[j, None, :c.num_heads, None], keys[None], values[None], causal=True,
-                                        q_offset=cache.layers[li].length - 1, window=c.sliding_window,
-                                        scale=self.scale, return_key_mass=key_mass)
-                        if key_mass:
-                            cache.add_key_mass(li, _group_mass(res[1][0], c.num_kv_heads))
-                            res = res[0]
-                        g_out.append(res.reshape(hq))
-                    a = torch.stack(g_out)  # [B, Hq D]
+                    qk = apply_rope(part[:, :hqk], cos[:, None], sin[:, None])  # [B, Hq + Hkv, D]
+                    append_one_each(g_caches, li, qk[:, c.num_heads:], part[:, hqk:], g_pos, rope_at)
+                    a = self._group_attention(g_caches, li, qk[:, :c.num_heads], key_mass)
                 if len(group) < len(caches):
                     a = torch.empty(x.shape[0], hq, dtype=x.dtype, device=dev).index_copy_(0, g_rows, a)
             outs = []
@@ -284,10 +280,29 @@ class LlamaModel:
             x = x + linear(a, layer.w_o, layer.b_o)
             h = rms_norm(x, layer.ln_mlp, c.rms_norm_eps)
             gate = linear(h, layer.w_gate, layer.b_gate)  # [N, I]
-            x = x + linear(F.silu(gate).mul_(linear(h, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
+            x = x + linear(silu_mul(gate, linear(h, layer.w_up, layer.b_up)), layer.w_down, layer.b_down)
         for (cache, _), n in zip(batch, lens):
             cache.n_fed += n
         return x
+
+    def _group_attention(self, caches: Sequence[SessionKV], li: int, q: torch.Tensor, key_mass: bool) -> torch.Tensor:
+        """The decode group's attention through torch: q `[B, Hq, D]` -> `[B, Hq D]`; one padded
+        call on `PADDED_DECODE_DEVICES`, else one call per session over its zero-copy cache view."""
+        c = self.config
+        hq = c.num_heads * c.head_dim
+        if q.device.type in PADDED_DECODE_DEVICES and not key_mass and c.sliding_window is None:
+            return _padded_decode_attention(caches, li, q, self.scale).reshape(-1, hq)
+        out = []
+        for j, cache in enumerate(caches):
+            keys, values = cache.kv(li)
+            res = attention(q[j, None, :, None], keys[None], values[None], causal=True,
+                            q_offset=cache.layers[li].length - 1, window=c.sliding_window,
+                            scale=self.scale, return_key_mass=key_mass)
+            if key_mass:
+                cache.add_key_mass(li, _group_mass(res[1][0], c.num_kv_heads))
+                res = res[0]
+            out.append(res.reshape(hq))
+        return torch.stack(out)  # [B, Hq D]
 
     def _native_attention_fits(self) -> bool:
         """Whether the native decode attention kernel takes this model's shapes on its device."""
@@ -394,8 +409,9 @@ def _native_decode_attention(caches: Sequence[SessionKV], layer: int, q: torch.T
         torch.tensor(offsets, dtype=torch.int64), torch.tensor(lengths, dtype=torch.int64), pool.block_size, scale)
 
 
-def _decode_group(caches: Sequence[SessionKV], lens: Sequence[int]) -> list[int]:
-    """Indices of the sessions that decode one token and whose policy has no attention hooks."""
+def _decode_group(caches: Sequence[SessionKV], lens: Sequence[int], *, min_size: int = 2) -> list[int]:
+    """Indices of the sessions that decode one token and whose policy has no attention hooks
+    (none when fewer than `min_size`)."""
     out = []
     for i, (cache, n) in enumerate(zip(caches, lens)):
         policy = cache.policy
@@ -403,7 +419,7 @@ def _decode_group(caches: Sequence[SessionKV], lens: Sequence[int]) -> list[int]
                                         or getattr(policy, "extends_attention", False))
         if n == 1 and not hooks:
             out.append(i)
-    return out if len(out) > 1 else []
+    return out if len(out) >= min_size else []
 
 
 def _group_mass(mass: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

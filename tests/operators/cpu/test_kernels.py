@@ -80,6 +80,35 @@ def test_matmul_nt_rejects_bad_input() -> None:
         cpu.matmul_nt(torch.randn(2, 3), torch.randn(4, 3), torch.randn(5))
 
 
+# -- rms_norm, silu_mul ----------------------------------------------------------------------------
+
+@needs_native
+@given(m=st.integers(1, 20), h=st.sampled_from([1, 5, 16, 33, 576]), strided=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_rms_norm_matches_fp64(m: int, h: int, strided: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, 2 * h if strided else h, generator=g) * 3
+    x = x[:, ::2] if strided else x
+    w = torch.randn(h, generator=g)
+    out = cpu.rms_norm(x, w, 1e-5)
+    exact = naive.rms_norm(x.double(), w.double(), 1e-5)
+    assert_lowp_close(out, torch.nn.functional.rms_norm(x, (h,), w, 1e-5), exact, factor=3.0, floor=1e-6)
+    assert torch.equal(torch.cat([cpu.rms_norm(x[i:i + 1], w, 1e-5) for i in range(m)]), out)
+
+
+@needs_native
+def test_silu_mul_matches_fp64() -> None:
+    g = torch.Generator().manual_seed(0)
+    gate = torch.cat([torch.randn(3000, generator=g) * 4, torch.tensor([-200.0, -90.0, -20.0, 0.0, 20.0, 90.0, 200.0])])
+    up = torch.randn(gate.shape, generator=g)
+    out = cpu.silu_mul(gate, up)
+    exact = naive.silu_mul(gate.double(), up.double())
+    assert_lowp_close(out, torch.nn.functional.silu(gate) * up, exact, factor=3.0, floor=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        cpu.silu_mul(gate, up[:-1])
+
+
 # -- paged_decode_attention -----------------------------------------------------------------------
 
 def _paged_case(seed: int, lengths: list[int], hkv: int, group: int, d: int, bs: int
@@ -97,7 +126,8 @@ def _paged_case(seed: int, lengths: list[int], hkv: int, group: int, d: int, bs:
 
 
 @needs_native
-@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=5), hkv=st.integers(1, 3),
+@given(lengths=st.lists(st.one_of(st.integers(1, 300), st.integers(500, 1300)), min_size=1, max_size=5),
+       hkv=st.integers(1, 3),
        group=st.sampled_from([1, 3, 4, 7]), d=st.sampled_from([16, 64, 128]), bs=st.sampled_from([1, 16, 64]),
        seed=st.integers(0, 2**16))
 @settings(max_examples=60, deadline=None)
@@ -115,7 +145,8 @@ def test_paged_decode_attention_matches_fp64(lengths: list[int], hkv: int, group
 
 @needs_native
 def test_paged_decode_attention_sessions_do_not_depend_on_the_batch(two_threads: None) -> None:
-    q, kp, vp, blocks, offsets, lens = _paged_case(7, [1, 65, 200, 64, 130], 3, 3, 64, 16)
+    # 1100 and 513 keys: split into 512-key spans that run apart and merge through their lse.
+    q, kp, vp, blocks, offsets, lens = _paged_case(7, [1, 65, 1100, 64, 513], 3, 3, 64, 16)
     batched = cpu.paged_decode_attention(q, kp, vp, blocks, offsets, lens, 16, 0.125)
     for i in range(len(lens)):
         own = blocks[int(offsets[i]):int(offsets[i + 1])]
