@@ -31,6 +31,11 @@ class Checkpoint:
 
 def validate_weights(weights: dict[str, torch.Tensor], config: ModelConfig, *, source: str) -> None:
     """Check names and shapes against the config; one clear error naming the tensor."""
+    if config.num_layers > len(weights):  # e.g. num_hidden_layers 10**30: never list its names
+        present = {name.split(".")[2] for name in weights if name.startswith("model.layers.") and name.count(".") > 2}
+        first = next(i for i in range(config.num_layers) if str(i) not in present)
+        raise ModelLoadError(f"{source}: missing tensors model.layers.{first}.* (the config has {config.num_layers} "
+                             f"layers; the weights hold {len(weights)} tensors)")
     expected = config.expected_shapes()
     missing = [name for name in expected if name not in weights]
     if missing:

@@ -201,7 +201,10 @@ def _tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
     )
-    return Tokenizer.from_gguf_vocab(tokens, merges, types, pre=meta.get("tokenizer.ggml.pre"), settings=settings)
+    try:
+        return Tokenizer.from_gguf_vocab(tokens, merges, types, pre=meta.get("tokenizer.ggml.pre"), settings=settings)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
 
 
 def _dequantize(tensor: Any) -> np.ndarray:

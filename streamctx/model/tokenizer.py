@@ -94,7 +94,11 @@ class Tokenizer:
             if not sep:
                 raise ModelLoadError(f"GGUF tokenizer.ggml.merges: malformed merge {merge!r}")
             pairs.append((left, right))
-        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
+        except Exception as exc:  # the tokenizers library raises a bare Exception (e.g. a merge of unknown tokens)
+            raise ModelLoadError(f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {exc}") from None
+        backend = tokenizers.Tokenizer(bpe)
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
         if pre in _DIGIT_SPLIT_PRE:
             backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
