@@ -12,8 +12,9 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
 - paired_*: ours and transformers in ONE process, runs alternated (ours, hf, ours, hf, ...), best
   of each: both see the same background load, so `vs_hf` is fair on a shared machine even when the
   separate cells above ran under different load (their peak RSS is per cell; a paired cell's is not).
-  Paired decode also alternates a third contestant, ours with `split_linear(False)` (every product
-  one `F.linear` call, as before the row-chunked path): `plain_tok_s`, and `vs_plain` = tok_s / plain_tok_s.
+  Paired decode also alternates a third contestant, ours with `native_kernels(False)` (the torch
+  paths every machine without the native CPU kernels takes: `W @ x^T` / row-chunked products,
+  per-call SDPA attention): `plain_tok_s`, and `vs_plain` = tok_s / plain_tok_s.
   Paired decode measures the memory read rate between its rounds too (`mem_gbps`, best of them):
   on the 2-core machine that rate swings from ~26 GB/s (another job on the second core) to
   ~57 GB/s (idle), so a bound taken at another time than the decode means little.
@@ -209,7 +210,7 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
     import torch
 
     from streamctx import Engine
-    from streamctx.model.linear import split_linear
+    from streamctx.operators.cpu import native_kernels
 
     harness.set_threads(threads)
     ids = _prompt(n)
@@ -248,7 +249,7 @@ def paired(kind: str, n: int, rounds: int, threads: int = THREADS) -> dict[str, 
                     out = model(nxt, past_key_values=pkv, use_cache=True, logits_to_keep=1)
                     pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 theirs.append(DECODE_STEPS / (time.perf_counter() - t0))
-                with split_linear(False):
+                with native_kernels(False):
                     g = s.generate(DECODE_STEPS + 1)
                 plain.append((len(g.token_ids) - (0 if g.finish_reason == "eos" else 1)) / g.seconds)
     row = {"impl": "both, alternated", "tokens": n, "threads": threads, "tok_s": max(ours),

@@ -10,16 +10,19 @@ from streamctx.operators.cpu.kernels import (
     available,
     enabled,
     matmul_nt,
+    matmul_nt_unchecked,
     native_kernels,
     paged_decode_attention,
     paged_decode_attention_unchecked,
     rms_norm,
+    rms_norm_unchecked,
     rope_append,
     rope_append_unchecked,
     silu_mul,
+    silu_mul_unchecked,
     why_unavailable,
 )
 
-__all__ = ["available", "enabled", "matmul_nt", "native_kernels", "paged_decode_attention",
-           "paged_decode_attention_unchecked", "rms_norm", "rope_append", "rope_append_unchecked", "silu_mul",
-           "why_unavailable"]
+__all__ = ["available", "enabled", "matmul_nt", "matmul_nt_unchecked", "native_kernels", "paged_decode_attention",
+           "paged_decode_attention_unchecked", "rms_norm", "rms_norm_unchecked", "rope_append",
+           "rope_append_unchecked", "silu_mul", "silu_mul_unchecked", "why_unavailable"]

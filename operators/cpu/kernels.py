@@ -12,7 +12,6 @@ from streamctx.operators.cpu import native
 MAX_GROUP = 16  # query heads per KV head the attention kernel takes (kernels.c MAX_G)
 MAX_HEAD_DIM = 256  # kernels.c MAX_DV * 16
 
-
 _switched_on = True
 
 
@@ -64,14 +63,20 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     n = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    return matmul_nt_unchecked(x, weight.contiguous(), None if bias is None else bias.contiguous())
+
+
+def matmul_nt_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`matmul_nt` for callers that checked dtypes, devices and shapes (weight and bias contiguous):
+    decode calls it ~150 times a token, where the checks cost a few percent."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    weight = weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
     out = torch.empty(m, n, dtype=torch.float32)
     if m and n:
-        lib.sc_matmul_nt(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-                         out.data_ptr(), n, m, n, k)
+        native.library().sc_matmul_nt(x.data_ptr(), x.stride(0), weight.data_ptr(),  # type: ignore[union-attr]
+                                      None if bias is None else bias.data_ptr(), out.data_ptr(), n, m, n, k)
     return out
 
 
@@ -86,11 +91,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check_cpu_f32("weight", weight)
     if x.dim() != 2 or weight.shape != (x.shape[1],):
         raise ValueError(f"rms_norm needs x [M, H] and weight [H], got {list(x.shape)} and {list(weight.shape)}")
+    return rms_norm_unchecked(x, weight.contiguous(), eps)
+
+
+def rms_norm_unchecked(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` for callers that checked dtypes, devices and shapes (weight contiguous)."""
     if x.stride(1) != 1:
         x = x.contiguous()
-    weight = weight.contiguous()
     out = torch.empty(x.shape, dtype=torch.float32)
-    lib.sc_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), x.shape[0], x.shape[1])
+    native.library().sc_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps,  # type: ignore[union-attr]
+                                 out.data_ptr(), x.shape[0], x.shape[1])
     return out
 
 
@@ -103,9 +113,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _check_cpu_f32("up", up)
     if gate.shape != up.shape:
         raise ValueError(f"gate and up differ in shape: {list(gate.shape)} and {list(up.shape)}")
+    return silu_mul_unchecked(gate, up)
+
+
+def silu_mul_unchecked(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu_mul` for callers that checked dtypes, devices and shapes."""
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty(gate.shape, dtype=torch.float32)
-    lib.sc_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    native.library().sc_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())  # type: ignore[union-attr]
     return out
 
 

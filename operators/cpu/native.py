@@ -63,7 +63,7 @@ def _build(cc: str) -> Path:
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + cc.encode() + _cpu_flags().encode()
                          + sys.platform.encode()).hexdigest()[:16]
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)  # only this user writes what gets loaded
     target = folder / f"libstreamctx_cpu-{key}.so"
     if target.exists():
         return target

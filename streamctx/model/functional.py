@@ -18,8 +18,8 @@ NATIVE_MAX_ROWS = 64  # decode-sized inputs take the native kernels; larger ones
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 and cast back (as Hugging Face does): `x [..., H]`."""
-    if _native_rows(x, weight):
-        return native.rms_norm(x, weight, eps)
+    if _native_rows(x, weight) and weight.dim() == 1 and weight.shape[0] == x.shape[1]:
+        return native.rms_norm_unchecked(x, weight.contiguous(), eps)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return torch.nn.functional.rms_norm(x, weight.shape, weight, eps)  # one fused op, same math
     dtype = x.dtype
@@ -30,8 +30,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up`, the SwiGLU MLP's middle step: `[N, I]`."""
-    if _native_rows(gate, up):
-        return native.silu_mul(gate, up)
+    if _native_rows(gate, up) and gate.shape == up.shape:
+        return native.silu_mul_unchecked(gate, up)
     return F.silu(gate).mul_(up)
 
 

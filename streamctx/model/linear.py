@@ -82,18 +82,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     everything else, and anything autograd must see, is `F.linear` itself (which also takes
     `x [..., K]`). The result is contiguous.
     """
-    if (x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous()
+    if (x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or x.device.type != "cpu" or weight.device.type != "cpu"
+            or not weight.is_contiguous()
+            or (bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"
+                                      or tuple(bias.shape) != (weight.shape[0],)))
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                              or (bias is not None and bias.requires_grad)))):
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)  # including its errors for shapes that do not fit
     m = x.shape[0]
     n, k = weight.shape
     path, chunks = choose_path(m, n, torch.get_num_threads())
     if path == "plain":
         return F.linear(x, weight, bias)
-    if path == "native":
-        return native.matmul_nt(x, weight, bias)
+    if path == "native":  # dtypes, devices and weight layout checked above
+        return native.matmul_nt_unchecked(x, weight, None if bias is None else bias.contiguous())
     if path == "column":
         cols = x.expand(2, k).contiguous() if m == 1 else x.contiguous()  # [M', K], M' >= 2
         out = torch.matmul(weight, cols.t()).t()[:m].contiguous()  # [N, M'] -> [M, N]
