@@ -182,7 +182,7 @@ def membw() -> dict[str, Any]:
 def gemm() -> dict[str, Any]:
     """The machine's fp32 matmul rate on SmolLM2's layer shapes at 64 rows (decode of 64 sessions):
     with the bandwidth bound it gives the roofline, since big batches are compute-bound on 2 cores.
-    The faster of `F.linear` and the model's `linear` (row-chunked batched matmul) is the rate."""
+    The faster of `F.linear` and the model's `linear` (the native kernel where built) is the rate."""
     import torch
     import torch.nn.functional as F
 

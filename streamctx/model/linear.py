@@ -5,25 +5,28 @@ speed is the rate at which the weights stream from memory, and with a few rows, 
 product is blocked. On CPU, torch's BLAS (MKL) does neither well in the shape `F.linear` asks
 for, `x [M, K] @ W^T`: for one row it runs a matrix-vector product on a single thread whatever
 `torch.get_num_threads()` says (SmolLM2's 30 layers and lm_head: 44 ms per token, about 12 GB/s),
-and 16 rows take 84 ms. `linear` picks by the number of rows:
+and 16 rows take 65 ms. `linear` picks by the number of rows:
 
 - up to `MAX_ROWS` rows, where the native kernels are built (`streamctx.operators.cpu`, AVX-512):
   `matmul_nt`, 4x4 register tiles over torch's threads. Each output is summed in an order fixed
   by K alone, so a session's row has the same bits in a batch of 16 as alone, at any thread
-  count. SmolLM2, 2 threads: 1 row 19 ms (streaming at the machine's read rate), 16 rows 46 ms.
+  count.
 - without them: `rows <= COLUMN_MAX_ROWS`: `W @ x^T`, a matrix times a narrow column block
-  (a lone row duplicated into two columns; one column is the slow matrix-vector call again),
-  17 ms for one row on 2 threads; up to `MAX_ROWS` rows with 2+ threads: the weight's output rows
-  in `CHUNKS` chunks as one batched matmul, which torch spreads over its threads (1.1-1.3x).
+  (a lone row duplicated into two columns; one column is the slow matrix-vector call again);
+  up to `MAX_ROWS` rows with 2+ threads: the weight's output rows in `CHUNKS` chunks as one
+  batched matmul, which torch spreads over its threads.
 - anything else, including anything autograd must see: `F.linear`, which threads large products.
 
-Measured on the dev machine (2 cores, SmolLM2's shapes, all 30 layers + lm_head, ms; the
-machine's read rate swings with its neighbours, so compare within a row):
+Measured on the dev machine (2 cores, SmolLM2's weights, all 30 layers + lm_head, ms, best of 5;
+the machine's read rate swings with its neighbours, so compare within a row):
 
     rows           1     4     8    16    32    64
-    F.linear, 2t  43.0  61.4  66.4  84.0 109   162
-    torch paths   18.1  27.4  41.9  55.9  80.3 132
-    native, 2t    19.3  24.9  33.0  46.2  73.7 131
+    F.linear      42.6  60.3  54.7  65.5  90.1 132
+    torch paths   18.1  25.2  42.4  53.9  79.1 124
+    native        21.6  21.0  31.1  34.7  63.9 121
+
+One row through the native kernel is no faster than `W @ x^T` alone (both stream the weights at
+the read rate), but the decode loop around it is (benchmarks/results/model_notes.md).
 
 Everything stays in torch's own OpenMP pool (the native library binds torch's libgomp): numpy's
 OpenBLAS also splits small products over its threads but was 4x *slower* than torch inside the
