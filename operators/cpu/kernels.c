@@ -201,92 +201,104 @@ static inline __m512 reduce16(const __m512 a[16]) {
 
 #define MAX_G 16     /* query heads per KV head */
 #define MAX_DV 16    /* head_dim / 16 */
-#define KT 64        /* keys per score tile */
+#define SPAN 512     /* keys per work item: longer sessions are split and merged by lse */
 
-/* One (session, KV head): G query rows q[G, D] against keys begin..end-1 found through `blocks`.
- * Writes out[g * ostride + d] and, when lse != NULL, lse[g] (natural log). Keys go in tiles of
- * at most KT that never cross a block, so a tile's keys are consecutive rows in memory. Per tile
- * and query row: scores (16 keys per reduce16), the online-softmax update, then the weighted sum
- * of the tile's values. `dv` (D / 16) is a constant in the specialised copies below, so the loops
- * over it unroll and the accumulators stay in registers. */
+/* One (session, KV head): G query rows q[G, D] against keys begin..end-1 (at most SPAN of them)
+ * found through `blocks`. Writes out[g * ostride + d] and, when lse != NULL, lse[g] (natural log).
+ * Two passes, each one long sequential read: all the span's keys (scores of every query row,
+ * 16 keys per reduce16, each chunk of 16 rows read from L1 by the other rows), a softmax over the
+ * span's scores, then all its values. Runs of keys never cross a block, so each run is consecutive
+ * rows in memory. `dv` (D / 16) is a constant in the specialised copies below, so the loops over
+ * it unroll and the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void attend(
         const float *q, int64_t qstride, const float *kh, const float *vh, const int32_t *blocks,
         int64_t begin, int64_t end, int64_t bs, int G, float scale, float *out, int64_t ostride, float *lse,
         const int dv) {
-    const int64_t D = 16 * dv;
-    __m512 ov[MAX_G][MAX_DV];
+    const int64_t D = 16 * dv, n = end - begin;
+    float s[MAX_G][SPAN + 16] __attribute__((aligned(64)));  /* scores, then probabilities */
     float mx[MAX_G], sum[MAX_G];
-    float s[KT] __attribute__((aligned(64)));  /* one row's scores, then probabilities */
-    for (int g = 0; g < G; g++) {
-        for (int c = 0; c < dv; c++) ov[g][c] = _mm512_setzero_ps();
-        mx[g] = -FLT_MAX;
-        sum[g] = 0.0f;
-    }
+    __m512 qv[MAX_G][MAX_DV];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < dv; c++) qv[g][c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * qstride + c * 16), _mm512_set1_ps(scale));
+    /* Pass 1: scores. */
     for (int64_t t0 = begin; t0 < end;) {
-        int64_t in_block = t0 % bs;
-        int64_t nt = bs - in_block < KT ? bs - in_block : KT;
-        if (end - t0 < nt) nt = end - t0;
-        const int64_t row0 = ((int64_t)blocks[t0 / bs] * bs + in_block) * D;
-        const float *kt = kh + row0, *vt = vh + row0;  /* the tile: nt consecutive rows of D */
-        for (int g = 0; g < G; g++) {
-            __m512 qv[MAX_DV], o[MAX_DV], o2[MAX_DV];
-            for (int c = 0; c < dv; c++) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + g * qstride + c * 16), _mm512_set1_ps(scale));
-            for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+        int64_t in_block = t0 % bs, nt = bs - in_block < end - t0 ? bs - in_block : end - t0;
+        const float *kt = kh + ((int64_t)blocks[t0 / bs] * bs + in_block) * D;  /* nt consecutive rows */
+        for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+            int64_t m = nt - j0 < 16 ? nt - j0 : 16;
+            for (int g = 0; g < G; g++) {
                 __m512 a[16];
-                if (j0 + 16 <= nt) {  /* a full group: no conditions, so the 16 chains stay in registers */
+                if (m == 16) {  /* a full group: no conditions, so the 16 chains stay in registers */
                     for (int j = 0; j < 16; j++) {
                         const float *kr = kt + (j0 + j) * D;
-                        a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-                        for (int c = 1; c < dv; c++) a[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + c * 16), a[j]);
+                        a[j] = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(kr));
+                        for (int c = 1; c < dv; c++) a[j] = _mm512_fmadd_ps(qv[g][c], _mm512_loadu_ps(kr + c * 16), a[j]);
                     }
                 } else {
                     for (int j = 0; j < 16; j++) {
-                        if (j0 + j < nt) {
+                        if (j < m) {
                             const float *kr = kt + (j0 + j) * D;
-                            a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
-                            for (int c = 1; c < dv; c++) a[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + c * 16), a[j]);
+                            a[j] = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(kr));
+                            for (int c = 1; c < dv; c++) a[j] = _mm512_fmadd_ps(qv[g][c], _mm512_loadu_ps(kr + c * 16), a[j]);
                         } else {
                             a[j] = _mm512_setzero_ps();
                         }
                     }
                 }
-                _mm512_store_ps(&s[j0], reduce16(a));
+                _mm512_storeu_ps(&s[g][t0 - begin + j0], reduce16(a));  /* past-the-end lanes: overwritten or unused */
             }
-            __m512 mx16 = _mm512_set1_ps(mx[g]);
-            for (int64_t j = 0; j < nt; j += 16) {
-                __mmask16 mask = nt - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nt - j)) - 1u);
-                mx16 = _mm512_mask_max_ps(mx16, mask, mx16, _mm512_load_ps(&s[j]));
-            }
-            float m = _mm512_reduce_max_ps(mx16);
-            float corr = expf(mx[g] - m);
-            mx[g] = m;
-            __m512 mv = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
-            for (int64_t j = 0; j < nt; j += 16) {
-                __mmask16 mask = nt - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nt - j)) - 1u);
-                __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_load_ps(&s[j]), mv)));
-                _mm512_store_ps(&s[j], p);
-                acc = _mm512_add_ps(acc, p);
-            }
-            sum[g] = sum[g] * corr + _mm512_reduce_add_ps(acc);
-            __m512 cv = _mm512_set1_ps(corr);
-            for (int c = 0; c < dv; c++) {  /* odd keys in o2: two chains halve the FMA latency a key */
-                o[c] = _mm512_mul_ps(ov[g][c], cv);
-                o2[c] = _mm512_setzero_ps();
-            }
-            int64_t j = 0;
-            for (; j + 2 <= nt; j += 2) {
-                const float *vr = vt + j * D;
-                __m512 p = _mm512_set1_ps(s[j]), p2 = _mm512_set1_ps(s[j + 1]);
+        }
+        t0 += nt;
+    }
+    /* Softmax over the span, per query row. */
+    for (int g = 0; g < G; g++) {
+        __m512 mx16 = _mm512_set1_ps(-FLT_MAX);
+        for (int64_t j = 0; j < n; j += 16) {
+            __mmask16 mask = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+            mx16 = _mm512_mask_max_ps(mx16, mask, mx16, _mm512_loadu_ps(&s[g][j]));
+        }
+        float m = _mm512_reduce_max_ps(mx16);
+        __m512 mv = _mm512_set1_ps(m), acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            __mmask16 mask = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+            __m512 p = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(_mm512_loadu_ps(&s[g][j]), mv)));
+            _mm512_storeu_ps(&s[g][j], p);
+            acc = _mm512_add_ps(acc, p);
+        }
+        mx[g] = m;
+        sum[g] = _mm512_reduce_add_ps(acc);
+    }
+    /* Pass 2: values, in chunks of 16 rows that every query row reads from L1. */
+    __m512 ov[MAX_G][MAX_DV];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < dv; c++) ov[g][c] = _mm512_setzero_ps();
+    for (int64_t t0 = begin; t0 < end;) {
+        int64_t in_block = t0 % bs, nt = bs - in_block < end - t0 ? bs - in_block : end - t0;
+        const float *vt = vh + ((int64_t)blocks[t0 / bs] * bs + in_block) * D;
+        const int64_t at = t0 - begin;
+        for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+            int64_t m = nt - j0 < 16 ? nt - j0 : 16;
+            for (int g = 0; g < G; g++) {
+                __m512 o[MAX_DV], o2[MAX_DV];  /* odd rows in o2: two chains halve the FMA latency a row */
                 for (int c = 0; c < dv; c++) {
-                    o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + c * 16), o[c]);
-                    o2[c] = _mm512_fmadd_ps(p2, _mm512_loadu_ps(vr + D + c * 16), o2[c]);
+                    o[c] = ov[g][c];
+                    o2[c] = _mm512_setzero_ps();
                 }
+                int64_t j = 0;
+                for (; j + 2 <= m; j += 2) {
+                    const float *vr = vt + (j0 + j) * D;
+                    __m512 p = _mm512_set1_ps(s[g][at + j0 + j]), p2 = _mm512_set1_ps(s[g][at + j0 + j + 1]);
+                    for (int c = 0; c < dv; c++) {
+                        o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + c * 16), o[c]);
+                        o2[c] = _mm512_fmadd_ps(p2, _mm512_loadu_ps(vr + D + c * 16), o2[c]);
+                    }
+                }
+                if (j < m) {
+                    __m512 p = _mm512_set1_ps(s[g][at + j0 + j]);
+                    for (int c = 0; c < dv; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + (j0 + j) * D + c * 16), o[c]);
+                }
+                for (int c = 0; c < dv; c++) ov[g][c] = _mm512_add_ps(o[c], o2[c]);
             }
-            if (j < nt) {
-                __m512 p = _mm512_set1_ps(s[j]);
-                for (int c = 0; c < dv; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vt + j * D + c * 16), o[c]);
-            }
-            for (int c = 0; c < dv; c++) ov[g][c] = _mm512_add_ps(o[c], o2[c]);
         }
         t0 += nt;
     }
@@ -405,7 +417,6 @@ void sc_silu_mul(const float *gate, const float *up, float *out, int64_t n) {
  * result does not depend on the batch or the thread count.
  * Returns 0, -1 for a shape the kernel does not take (the caller checks beforehand), -2 when out
  * of memory. */
-#define SPAN 512
 
 int sc_paged_decode_attention(const float *q, const float *k, const float *v, int64_t S,
                               const int32_t *blocks, const int64_t *offsets, const int64_t *lengths,
