@@ -8,9 +8,9 @@ for, `x [M, K] @ W^T`: for one row it runs a matrix-vector product on a single t
 and 16 rows take 65 ms. `linear` picks by the number of rows:
 
 - up to `MAX_ROWS` rows, where the native kernels are built (`streamctx.operators.cpu`, AVX-512):
-  `matmul_nt`, 4x4 register tiles over torch's threads. Each output is summed in an order fixed
-  by K alone, so a session's row has the same bits in a batch of 16 as alone, at any thread
-  count.
+  `matmul_nt` over torch's threads (1-4 rows: one weight row at a time; more: 4x4 tiles).
+  Each output is summed in an order fixed by K alone, so a session's row has the same bits in a
+  batch of 16 as alone, at any thread count.
 - without them: `rows <= COLUMN_MAX_ROWS`: `W @ x^T`, a matrix times a narrow column block
   (a lone row duplicated into two columns; one column is the slow matrix-vector call again);
   up to `MAX_ROWS` rows with 2+ threads: the weight's output rows in `CHUNKS` chunks as one
@@ -21,12 +21,13 @@ Measured on the dev machine (2 cores, SmolLM2's weights, all 30 layers + lm_head
 the machine's read rate swings with its neighbours, so compare within a row):
 
     rows           1     4     8    16    32    64
-    F.linear      42.6  60.3  54.7  65.5  90.1 132
-    torch paths   18.1  25.2  42.4  53.9  79.1 124
-    native        21.6  21.0  31.1  34.7  63.9 121
+    F.linear      43.7  64.1  56.0  66.6  90.7 136
+    torch paths   19.5  28.1  43.8  55.9  78.0 128
+    native        18.0  27.9  29.5  36.0  64.9 123
 
-One row through the native kernel is no faster than `W @ x^T` alone (both stream the weights at
-the read rate), but the decode loop around it is (benchmarks/results/model_notes.md).
+The native kernel reads 1-4 rows' weights one row at a time, a single sequential stream per
+thread: at a quiet moment one row took 11.5 ms (46 GB/s, as fast as `torch.sum`), where a tile
+over four weight rows took 20 ms (benchmarks/results/model_notes.md).
 
 Everything stays in torch's own OpenMP pool (the native library binds torch's libgomp): numpy's
 OpenBLAS also splits small products over its threads but was 4x *slower* than torch inside the
