@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import streamctx.model.llama as llama
-from streamctx import Engine
 from streamctx.operators import cpu
 from streamctx.operators.cpu import native_kernels
+from tests.fixtures.decode import decode_logits
 from tests.fixtures.tiny_models import make_tiny_llama
 from tests.tolerances import assert_close
 
@@ -30,24 +30,6 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("native") / "m", hidden=48, heads=6, kv_heads=2, head_dim=16,
                            layers=2, vocab_size=VOCAB, tie=False, tokenizer="bytes")
-
-
-def _decode_logits(folder: Path, prompts: list[list[int]], steps: int, *, together: bool) -> list[list[torch.Tensor]]:
-    """Prefill each session, then `steps` rounds of one token each: all sessions in one batched
-    step (`together`, the decode group) or each session alone."""
-    engine = Engine.load(folder, block_size=4, prefill_chunk=16)
-    for i, ids in enumerate(prompts):
-        engine.submit(f"s{i}", ids)
-    engine.run_until_idle()
-    out: list[list[torch.Tensor]] = [[] for _ in prompts]
-    for r in range(steps):
-        for i in range(len(prompts)):
-            t = engine.submit(f"s{i}", [3 + (7 * r + i) % (VOCAB - 3)], return_logits=True)
-            if not together:
-                engine.run_until_idle()
-            out[i].append(t)
-        engine.run_until_idle()
-    return [[t.feed.logits for t in row] for row in out]
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +49,9 @@ def test_native_decode_equals_torch_paths(folder: Path, prompts: list[list[int]]
 
     monkeypatch.setattr(llama, "_native_decode_attention", spy)
     with native_kernels(False):
-        want = _decode_logits(folder, prompts, steps=6, together=True)
+        want = decode_logits(folder, prompts, 6, VOCAB)
     assert not calls
-    got = _decode_logits(folder, prompts, steps=6, together=True)
+    got = decode_logits(folder, prompts, 6, VOCAB)
     assert calls and max(calls) == len(prompts)  # the kernel ran over the whole decode group
     for i in range(len(prompts)):
         for r in range(6):
@@ -77,8 +59,8 @@ def test_native_decode_equals_torch_paths(folder: Path, prompts: list[list[int]]
 
 
 def test_batched_decode_equals_one_at_a_time_bit_for_bit(folder: Path, prompts: list[list[int]]) -> None:
-    together = _decode_logits(folder, prompts, steps=4, together=True)
-    alone = _decode_logits(folder, prompts, steps=4, together=False)
+    together = decode_logits(folder, prompts, 4, VOCAB)
+    alone = decode_logits(folder, prompts, 4, VOCAB, together=False)
     for i in range(len(prompts)):
         for r in range(4):
             assert torch.equal(together[i][r], alone[i][r]), f"session {i} step {r}"

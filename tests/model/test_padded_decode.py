@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import streamctx.model.llama as llama
-from streamctx import Engine
+from tests.fixtures.decode import decode_logits
 from tests.fixtures.tiny_models import make_tiny_llama
 from tests.tolerances import assert_close
 
@@ -24,23 +24,6 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            layers=2, vocab_size=VOCAB, tie=False, tokenizer="bytes")
 
 
-def _decode_logits(folder: Path, prompts: list[list[int]], steps: int) -> list[list[torch.Tensor]]:
-    """Prefill each session, then `steps` rounds in which every session decodes one token (one
-    batched step each: the decode group)."""
-    engine = Engine.load(folder, block_size=4, prefill_chunk=16)
-    for i, ids in enumerate(prompts):
-        engine.submit(f"s{i}", ids)
-    engine.run_until_idle()
-    out: list[list[torch.Tensor]] = [[] for _ in prompts]
-    for r in range(steps):
-        tickets = [engine.submit(f"s{i}", [3 + (7 * r + i) % (VOCAB - 3)], return_logits=True)
-                   for i in range(len(prompts))]
-        engine.run_until_idle()
-        for i, t in enumerate(tickets):
-            out[i].append(t.feed.logits)
-    return out
-
-
 def test_padded_group_attention_equals_per_session_calls(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 17, 30, 9)]
@@ -51,10 +34,10 @@ def test_padded_group_attention_equals_per_session_calls(folder: Path, monkeypat
         calls.append(len(caches))
         return real(caches, layer, q, scale)
 
-    want = _decode_logits(folder, prompts, steps=6)
+    want = decode_logits(folder, prompts, 6, VOCAB)
     monkeypatch.setattr(llama, "PADDED_DECODE_DEVICES", frozenset({"cpu"}))
     monkeypatch.setattr(llama, "_padded_decode_attention", spy)
-    got = _decode_logits(folder, prompts, steps=6)
+    got = decode_logits(folder, prompts, 6, VOCAB)
     assert calls and max(calls) == len(prompts)  # the padded path really ran, over all five sessions
     for i in range(len(prompts)):
         for r in range(6):
