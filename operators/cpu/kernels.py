@@ -41,6 +41,12 @@ def why_unavailable() -> str | None:
     return native.why_unavailable()
 
 
+def _require() -> None:
+    """The checked entry points' first step: a clear error where the kernels could not be had."""
+    if native.library() is None:
+        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+
+
 def _check_cpu_f32(name: str, t: torch.Tensor) -> None:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
@@ -52,9 +58,7 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     Each output is summed in an order that depends on K only, so a row's result does not depend
     on M or on the thread count. `x` may have a row stride; `weight` and `bias` are contiguous.
     """
-    lib = native.library()
-    if lib is None:
-        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _require()
     for name, t in (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
         _check_cpu_f32(name, t)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
@@ -84,9 +88,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of the rows of `x [M, H]` (row stride allowed) times `weight [H]` -> `[M, H]`, fp32.
 
     Single-threaded, in one pass: for the few rows of decode (torch's fused op: ~40 us a call)."""
-    lib = native.library()
-    if lib is None:
-        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _require()
     _check_cpu_f32("x", x)
     _check_cpu_f32("weight", weight)
     if x.dim() != 2 or weight.shape != (x.shape[1],):
@@ -106,9 +108,7 @@ def rms_norm_unchecked(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` elementwise (the SwiGLU MLP's middle step), fp32, one pass."""
-    lib = native.library()
-    if lib is None:
-        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _require()
     _check_cpu_f32("gate", gate)
     _check_cpu_f32("up", up)
     if gate.shape != up.shape:
@@ -134,9 +134,7 @@ def rope_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: 
     pool slot `slots[b]` of k_pool, v_pool `[Hkv, S, D]` and its positions into pos_pool,
     rope_pool `[S]`; returns the rotated queries `[B, Hq, D]`. The same bits as `apply_rope`.
     """
-    lib = native.library()
-    if lib is None:
-        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _require()
     for name, t in (("qkv", qkv), ("cos", cos), ("sin", sin), ("k_pool", k_pool), ("v_pool", v_pool)):
         _check_cpu_f32(name, t)
     b, heads, d = qkv.shape
@@ -188,9 +186,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     `lengths[b]` keys (int64, >= 1), all of them (its query is the newest position). Query head i
     reads KV head `i // (Hq // Hkv)`. Returns out `[B, Hq, D]` (and lse `[B, Hq]`, natural log).
     """
-    lib = native.library()
-    if lib is None:
-        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
+    _require()
     for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
         _check_cpu_f32(name, t)
     b, hq, d = q.shape
