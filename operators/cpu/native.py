@@ -1,6 +1,6 @@
-"""Build and load `kernels.c` (beside this file) on first use.
+"""Build and load the C sources beside this file (`*.c`) as one library on first use.
 
-The library is compiled once per source, compiler flags and CPU into a cache folder
+The library is compiled once per set of sources, compiler flags and CPU into a cache folder
 (`$STREAMCTX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/streamctx/kernels`, else
 `~/.cache/streamctx/kernels`) with `cc -O3 -march=native -fopenmp` (well under a second), under a
 file lock so that concurrent processes (Ray workers) build it once. It is loaded after torch, so
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: the library must bind to torch's libgomp)
 
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall",
          "-Werror")
 ENV_SWITCH = "STREAMCTX_NATIVE_KERNELS"
@@ -59,7 +59,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.name.encode() + b"\0" + path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + cc.encode() + _cpu_flags().encode()
                          + sys.platform.encode()).hexdigest()[:16]
     folder = cache_dir()
@@ -73,10 +73,11 @@ def _build(cc: str) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             out = Path(tmp) / target.name
-            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"],
+            proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"{cc} failed on {SOURCE.name}:\n{proc.stderr.strip()[-2000:]}")
+                names = ", ".join(path.name for path in SOURCES)
+                raise RuntimeError(f"{cc} failed on {names}:\n{proc.stderr.strip()[-2000:]}")
             os.replace(out, target)  # atomic: a reader never sees a half-written library
     return target
 
@@ -137,3 +138,14 @@ def available() -> bool:
 def why_unavailable() -> str | None:
     library()
     return _state.get("why")  # type: ignore[return-value]
+
+
+def function(name: str, argtypes: list[type], restype: type | None = None) -> ctypes._CFuncPtr | None:
+    """The library's function `name` with its ctypes signature set, or None where the library is
+    unavailable: for kernels declared by the module that wraps them rather than in `_declare`."""
+    lib = library()
+    if lib is None:
+        return None
+    fn = getattr(lib, name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
