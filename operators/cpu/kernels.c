@@ -7,7 +7,8 @@
  *   sc_matmul_nt                y[M, N] = x[M, K] . w[N, K]^T (+ bias), for the few rows of decode;
  *   sc_paged_decode_attention   one query per session against its paged K/V blocks;
  *   sc_rms_norm, sc_silu_mul    the elementwise steps between them, in one pass each;
- *   sc_rope_append              RoPE of the decoded tokens' q and k and their K/V cache writes.
+ *   sc_rope_append              RoPE of the decoded tokens' q and k and their K/V cache writes;
+ *   sc_decode_layer             all of the above for one decoder layer, in one parallel region.
  *
  * Each output is computed by one thread in an order that depends only on K (or on the session's
  * keys), never on M, on the batch, or on the thread count: a session's row of a batched product
@@ -58,7 +59,7 @@ static inline void share(int64_t n, int64_t *lo, int64_t *hi) {
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 
 static inline __attribute__((always_inline)) void tile(
-        const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
+        const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias, const float *res, int64_t ldr,
         float *y, int64_t ldy, int64_t K, int mr, int nr, const char *pf, int64_t pf_lines) {
     __m512 acc[MR][NR];
     /* Prefetches `pf_lines` cache lines from `pf` (part of the next weight block), spread over the
@@ -98,25 +99,18 @@ static inline __attribute__((always_inline)) void tile(
         for (int j = 0; j < NR; j++) {
             if (j >= nr) break;
             float s = _mm512_reduce_add_ps(acc[i][j]);
-            y[i * ldy + j] = bias ? s + bias[j] : s;
+            s = bias ? s + bias[j] : s;
+            y[i * ldy + j] = res ? res[i * ldr + j] + s : s;
         }
     }
 }
 
-static void tile_4x4(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
-                     float *y, int64_t ldy, int64_t K, const char *pf, int64_t pf_lines) {
-    tile(x, ldx, w, ldw, bias, y, ldy, K, MR, NR, pf, pf_lines);
-}
-
-static void tile_1x4(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
-                     float *y, int64_t ldy, int64_t K, const char *pf, int64_t pf_lines) {
-    tile(x, ldx, w, ldw, bias, y, ldy, K, 1, NR, pf, pf_lines);
-}
-
-static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias,
-                     float *y, int64_t ldy, int64_t K, int mr, int nr) {
-    tile(x, ldx, w, ldw, bias, y, ldy, K, mr, nr, NULL, 0);
-}
+#define TILE_ARGS const float *x, int64_t ldx, const float *w, int64_t ldw, const float *bias, const float *res, \
+    int64_t ldr, float *y, int64_t ldy, int64_t K
+#define TILE_PASS x, ldx, w, ldw, bias, res, ldr, y, ldy, K
+static void tile_4x4(TILE_ARGS, const char *pf, int64_t pf_lines) { tile(TILE_PASS, MR, NR, pf, pf_lines); }
+static void tile_1x4(TILE_ARGS, const char *pf, int64_t pf_lines) { tile(TILE_PASS, 1, NR, pf, pf_lines); }
+static void tile_any(TILE_ARGS, int mr, int nr) { tile(TILE_PASS, mr, nr, NULL, 0); }
 #endif
 
 #ifdef __AVX512F__
@@ -125,9 +119,8 @@ static void tile_any(const float *x, int64_t ldx, const float *w, int64_t ldw, c
  * vs 46 GB/s, torch.sum 46-52 GB/s at the time). Same per-output order as `tile`: one accumulator
  * over K in steps of 16 (the last masked), one lane reduction, then the bias. */
 static inline __attribute__((always_inline)) void matrows(
-        const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy,
-        int64_t N, int64_t K, const int mr) {
-#pragma omp parallel
+        const float *x, int64_t ldx, const float *w, const float *bias, const float *res, int64_t ldr,
+        float *y, int64_t ldy, int64_t N, int64_t K, const int mr) {
     {
         int64_t lo, hi;
         share(N, &lo, &hi);
@@ -148,63 +141,70 @@ static inline __attribute__((always_inline)) void matrows(
             }
             for (int i = 0; i < mr; i++) {
                 float s = _mm512_reduce_add_ps(acc[i]);
-                y[i * ldy + n] = bias ? s + bias[n] : s;
+                s = bias ? s + bias[n] : s;
+                y[i * ldy + n] = res ? res[i * ldr + n] + s : s;
             }
         }
     }
 }
 
-static void matrows_1(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy,
-                      int64_t N, int64_t K) { matrows(x, ldx, w, bias, y, ldy, N, K, 1); }
-static void matrows_2(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy,
-                      int64_t N, int64_t K) { matrows(x, ldx, w, bias, y, ldy, N, K, 2); }
-static void matrows_3(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy,
-                      int64_t N, int64_t K) { matrows(x, ldx, w, bias, y, ldy, N, K, 3); }
-static void matrows_4(const float *x, int64_t ldx, const float *w, const float *bias, float *y, int64_t ldy,
-                      int64_t N, int64_t K) { matrows(x, ldx, w, bias, y, ldy, N, K, 4); }
+#define MATROWS_ARGS const float *x, int64_t ldx, const float *w, const float *bias, const float *res, int64_t ldr, \
+    float *y, int64_t ldy, int64_t N, int64_t K
+#define MATROWS_PASS x, ldx, w, bias, res, ldr, y, ldy, N, K
+static void matrows_1(MATROWS_ARGS) { matrows(MATROWS_PASS, 1); }
+static void matrows_2(MATROWS_ARGS) { matrows(MATROWS_PASS, 2); }
+static void matrows_3(MATROWS_ARGS) { matrows(MATROWS_PASS, 3); }
+static void matrows_4(MATROWS_ARGS) { matrows(MATROWS_PASS, 4); }
+#endif
+
+#ifdef __AVX512F__
+/* The product inside a parallel region (each thread its share of the outputs, no barrier at the
+ * end): y[m * ldy + n] = res[m * ldr + n] + (sum_k x[m * ldx + k] * w[n * K + k] + bias[n]), where
+ * bias and res may be NULL; y may alias res (each output is read, then written, by one thread). */
+static void matmul_part(const float *x, int64_t ldx, const float *w, const float *bias, const float *res,
+                        int64_t ldr, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    switch (M) {  /* the few rows of decode: one weight stream a thread */
+        case 1: matrows_1(x, ldx, w, bias, res, ldr, y, ldy, N, K); return;
+        case 2: matrows_2(x, ldx, w, bias, res, ldr, y, ldy, N, K); return;
+        case 3: matrows_3(x, ldx, w, bias, res, ldr, y, ldy, N, K); return;
+        case 4: matrows_4(x, ldx, w, bias, res, ldr, y, ldy, N, K); return;
+        default: break;
+    }
+    int64_t nblocks = (N + NR - 1) / NR, lo, hi;
+    share(nblocks, &lo, &hi);
+    for (int64_t nb = lo; nb < hi; nb++) {
+        int64_t n = nb * NR;
+        int nr = (int)(N - n < NR ? N - n : NR);
+        const float *wn = w + n * K;
+        const float *bn = bias ? bias + n : NULL, *rn = res ? res + n : NULL;
+        int64_t m = 0;
+        if (nr == NR) {
+            /* A block ahead (this thread's) is prefetched in equal parts over the passes. */
+            int64_t passes = M / MR + (M % MR == 1), lines = PF_BLOCKS && nb + PF_BLOCKS < hi ? NR * K / 16 : 0;
+            const char *next = (const char *)(wn + PF_BLOCKS * NR * K);
+            for (int64_t pass = 0; m + MR <= M; m += MR, pass++)
+                tile_4x4(x + m * ldx, ldx, wn, K, bn, rn ? rn + m * ldr : NULL, ldr, y + m * ldy + n, ldy, K,
+                         next + 64 * (pass * lines / passes), (pass + 1) * lines / passes - pass * lines / passes);
+            if (M - m == 1) {
+                tile_1x4(x + m * ldx, ldx, wn, K, bn, rn ? rn + m * ldr : NULL, ldr, y + m * ldy + n, ldy, K,
+                         next + 64 * ((passes - 1) * lines / passes), lines - (passes - 1) * lines / passes);
+                m = M;
+            }
+        }
+        for (; m < M; m += MR) {
+            int mr = (int)(M - m < MR ? M - m : MR);
+            tile_any(x + m * ldx, ldx, wn, K, bn, rn ? rn + m * ldr : NULL, ldr, y + m * ldy + n, ldy, K, mr, nr);
+        }
+    }
+}
 #endif
 
 /* y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * K + k] (+ bias[n]); bias may be NULL. */
 void sc_matmul_nt(const float *x, int64_t ldx, const float *w, const float *bias,
                   float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
 #ifdef __AVX512F__
-    switch (M) {  /* the few rows of decode: one weight stream a thread */
-        case 1: matrows_1(x, ldx, w, bias, y, ldy, N, K); return;
-        case 2: matrows_2(x, ldx, w, bias, y, ldy, N, K); return;
-        case 3: matrows_3(x, ldx, w, bias, y, ldy, N, K); return;
-        case 4: matrows_4(x, ldx, w, bias, y, ldy, N, K); return;
-        default: break;
-    }
-    int64_t nblocks = (N + NR - 1) / NR;
 #pragma omp parallel
-    {
-        int64_t lo, hi;
-        share(nblocks, &lo, &hi);
-        for (int64_t nb = lo; nb < hi; nb++) {
-            int64_t n = nb * NR;
-            int nr = (int)(N - n < NR ? N - n : NR);
-            const float *wn = w + n * K;
-            const float *bn = bias ? bias + n : NULL;
-            int64_t m = 0;
-            if (nr == NR) {
-                /* A block ahead (this thread's) is prefetched in equal parts over the passes. */
-                int64_t passes = M / MR + (M % MR == 1), lines = PF_BLOCKS && nb + PF_BLOCKS < hi ? NR * K / 16 : 0;
-                const char *next = (const char *)(wn + PF_BLOCKS * NR * K);
-                for (int64_t pass = 0; m + MR <= M; m += MR, pass++)
-                    tile_4x4(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K,
-                             next + 64 * (pass * lines / passes), (pass + 1) * lines / passes - pass * lines / passes);
-                if (M - m == 1) {
-                    tile_1x4(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K,
-                             next + 64 * ((passes - 1) * lines / passes), lines - (passes - 1) * lines / passes);
-                    m = M;
-                }
-            }
-            for (; m < M; m += MR) {
-                int mr = (int)(M - m < MR ? M - m : MR);
-                tile_any(x + m * ldx, ldx, wn, K, bn, y + m * ldy + n, ldy, K, mr, nr);
-            }
-        }
-    }
+    matmul_part(x, ldx, w, bias, NULL, 0, y, ldy, M, N, K);
 #else
     (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)ldy; (void)M; (void)N; (void)K;
 #endif
@@ -383,12 +383,13 @@ static void attend_one(ATTEND_ARGS, int64_t D) {
  *   q_out     [B, Hq, D]: the rotated queries
  * Each value is x * cos + rot(x) * sin with the two products rounded apart (no FMA), the same bits
  * as torch's `apply_rope` on the same inputs. */
-void sc_rope_append(const float *qkv, int64_t ldq, const float *cos, const float *sin, int64_t ldcs,
-                    const int64_t *slots, const int64_t *pos, const int64_t *rope_pos,
-                    float *k_pool, float *v_pool, int64_t *pos_pool, int64_t *rope_pool, int64_t S,
-                    float *q_out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D) {
+#define ROPE_ARGS const float *qkv, int64_t ldq, const float *cos, const float *sin, int64_t ldcs, \
+    const int64_t *slots, const int64_t *pos, const int64_t *rope_pos, float *k_pool, float *v_pool, \
+    int64_t *pos_pool, int64_t *rope_pool, int64_t S, float *q_out
+#define ROPE_PASS qkv, ldq, cos, sin, ldcs, slots, pos, rope_pos, k_pool, v_pool, pos_pool, rope_pool, S, q_out
+static void rope_rows(ROPE_ARGS, int64_t b0, int64_t b1, int64_t Hq, int64_t Hkv, int64_t D) {
     int64_t half = D / 2;
-    for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const float *row = qkv + b * ldq, *c = cos + b * ldcs, *s = sin + b * ldcs;
         for (int64_t h = 0; h < Hq + Hkv; h++) {
             const float *x = row + h * D;
@@ -409,11 +410,16 @@ void sc_rope_append(const float *qkv, int64_t ldq, const float *cos, const float
     }
 }
 
+void sc_rope_append(ROPE_ARGS, int64_t B, int64_t Hq, int64_t Hkv, int64_t D) {
+    rope_rows(ROPE_PASS, 0, B, Hq, Hkv, D);
+}
+
 /* y[m, :] = x[m, :] / sqrt(mean(x[m, :]^2) + eps) * w, rows of H (x row stride ldx, y contiguous).
  * Single-threaded: for the few rows of decode a parallel region costs more than the work. */
-void sc_rms_norm(const float *x, int64_t ldx, const float *w, float eps, float *y, int64_t M, int64_t H) {
 #ifdef __AVX512F__
-    for (int64_t m = 0; m < M; m++) {
+static void rms_rows(const float *x, int64_t ldx, const float *w, float eps, float *y, int64_t m0, int64_t m1,
+                     int64_t H) {
+    for (int64_t m = m0; m < m1; m++) {
         const float *xr = x + m * ldx;
         float *yr = y + m * H;
         __m512 acc = _mm512_setzero_ps();
@@ -435,22 +441,35 @@ void sc_rms_norm(const float *x, int64_t ldx, const float *w, float eps, float *
             _mm512_mask_storeu_ps(yr + k, mask, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mask, w + k)));
         }
     }
+}
+#endif
+
+void sc_rms_norm(const float *x, int64_t ldx, const float *w, float eps, float *y, int64_t M, int64_t H) {
+#ifdef __AVX512F__
+    rms_rows(x, ldx, w, eps, y, 0, M, H);
 #else
     (void)x; (void)ldx; (void)w; (void)eps; (void)y; (void)M; (void)H;
 #endif
 }
 
 /* out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i], for n values. */
-void sc_silu_mul(const float *gate, const float *up, float *out, int64_t n) {
 #ifdef __AVX512F__
+/* Values i0..n-1 (i0 a multiple of 16 or the whole range: each value's bits never depend on it). */
+static void silu_mul_range(const float *gate, const float *up, float *out, int64_t i0, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f);
-    for (int64_t i = 0; i < n; i += 16) {
+    for (int64_t i = i0; i < n; i += 16) {
         __mmask16 mask = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
         __m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
         __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
         __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, e));
         _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mask, up + i)));
     }
+}
+#endif
+
+void sc_silu_mul(const float *gate, const float *up, float *out, int64_t n) {
+#ifdef __AVX512F__
+    silu_mul_range(gate, up, out, 0, n);
 #else
     (void)gate; (void)up; (void)out; (void)n;
 #endif
@@ -470,71 +489,178 @@ void sc_silu_mul(const float *gate, const float *up, float *out, int64_t n) {
  * Returns 0, -1 for a shape the kernel does not take (the caller checks beforehand), -2 when out
  * of memory. */
 
+#ifdef __AVX512F__
+/* Where sessions' spans go: first[b] is session b's first span (a session has ceil(length / SPAN)),
+ * part / part_lse hold split sessions' partial results ([spans, Hq, D] and [spans, Hq]). */
+typedef struct {
+    int64_t *first;
+    float *part, *part_lse;
+} span_plan;
+
+static void free_plan(span_plan *plan) {
+    free(plan->first);
+    free(plan->part);
+    free(plan->part_lse);
+}
+
+/* 0, or -2 when out of memory (nothing then left allocated). */
+static int plan_spans(const int64_t *lengths, int64_t B, int64_t Hq, int64_t D, span_plan *plan) {
+    plan->first = malloc(sizeof(int64_t) * (B + 1));
+    plan->part = plan->part_lse = NULL;
+    if (!plan->first) return -2;
+    plan->first[0] = 0;
+    for (int64_t b = 0; b < B; b++) plan->first[b + 1] = plan->first[b] + (lengths[b] + SPAN - 1) / SPAN;
+    int64_t spans = plan->first[B];
+    if (spans > B) {
+        plan->part = malloc(sizeof(float) * spans * Hq * D);
+        plan->part_lse = malloc(sizeof(float) * spans * Hq);
+        if (!plan->part || !plan->part_lse) {
+            free_plan(plan);
+            return -2;
+        }
+    }
+    return 0;
+}
+
+/* The attention inside a parallel region (see sc_paged_decode_attention), ending after the merge
+ * with no barrier. */
+static void attention_part(const float *q, const float *k, const float *v, int64_t S, const int32_t *blocks,
+                           const int64_t *offsets, const int64_t *lengths, int64_t bs, int64_t B, int64_t Hq,
+                           int64_t Hkv, int64_t D, float scale, float *out, float *lse, const span_plan *plan) {
+    const int64_t *first = plan->first;
+    float *part = plan->part, *part_lse = plan->part_lse;
+    int G = (int)(Hq / Hkv);
+    int64_t items = first[B] * Hkv, lo, hi;
+    share(items, &lo, &hi);
+    int64_t b = 0;
+    for (int64_t it = lo; it < hi; it++) {
+        int64_t span = it / Hkv, h = it % Hkv;
+        while (first[b + 1] <= span) b++;
+        int64_t begin = (span - first[b]) * SPAN, end = begin + SPAN < lengths[b] ? begin + SPAN : lengths[b];
+        const float *qh = q + (b * Hq + h * G) * D;
+        if (first[b + 1] - first[b] == 1)  /* one span: straight to the output */
+            attend_one(qh, D, k + h * S * D, v + h * S * D, blocks + offsets[b], begin, end, bs, G, scale,
+                       out + (b * Hq + h * G) * D, D, lse ? lse + b * Hq + h * G : NULL, D);
+        else
+            attend_one(qh, D, k + h * S * D, v + h * S * D, blocks + offsets[b], begin, end, bs, G, scale,
+                       part + (span * Hq + h * G) * D, D, part_lse + span * Hq + h * G, D);
+    }
+    if (first[B] == B) return;  /* no session was split */
+#pragma omp barrier
+    /* Merge the spans of split sessions: (session, query head) rows, in span order. */
+    share(B * Hq, &lo, &hi);
+    for (int64_t row = lo; row < hi; row++) {
+        int64_t b = row / Hq, i = row % Hq, n = first[b + 1] - first[b];
+        if (n == 1) continue;
+        float m = -FLT_MAX, total = 0.0f;
+        for (int64_t c = 0; c < n; c++) {
+            float l = part_lse[(first[b] + c) * Hq + i];
+            m = l > m ? l : m;
+        }
+        float *o = out + row * D;
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t c = 0; c < n; c++) {
+            float wc = expf(part_lse[(first[b] + c) * Hq + i] - m);
+            total += wc;
+            const float *pc = part + ((first[b] + c) * Hq + i) * D;
+            for (int64_t d = 0; d < D; d++) o[d] += wc * pc[d];
+        }
+        for (int64_t d = 0; d < D; d++) o[d] /= total;
+        if (lse) lse[row] = m + logf(total);
+    }
+}
+#endif
+
 int sc_paged_decode_attention(const float *q, const float *k, const float *v, int64_t S,
                               const int32_t *blocks, const int64_t *offsets, const int64_t *lengths,
                               int64_t bs, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale,
                               float *out, float *lse) {
 #ifdef __AVX512F__
     if (D % 16 != 0 || D / 16 > MAX_DV || Hq % Hkv != 0 || Hq / Hkv > MAX_G) return -1;
-    int G = (int)(Hq / Hkv);
-    /* first[b]: index of session b's first span; spans of a session: ceil(length / SPAN). */
-    int64_t *first = malloc(sizeof(int64_t) * (B + 1));
-    if (!first) return -2;
-    first[0] = 0;
-    for (int64_t b = 0; b < B; b++) first[b + 1] = first[b] + (lengths[b] + SPAN - 1) / SPAN;
-    int64_t spans = first[B], split = spans > B;
-    /* Split sessions' partial results: [spans, Hkv, G, D] outputs and [spans, Hkv, G] lse. */
-    float *part = split ? malloc(sizeof(float) * spans * Hq * D) : NULL;
-    float *part_lse = split ? malloc(sizeof(float) * spans * Hq) : NULL;
-    if (split && (!part || !part_lse)) { free(first); free(part); free(part_lse); return -2; }
-    int64_t items = spans * Hkv;
+    span_plan plan;
+    if (plan_spans(lengths, B, Hq, D, &plan)) return -2;
 #pragma omp parallel
-    {
-        int64_t lo, hi;
-        share(items, &lo, &hi);
-        int64_t b = 0;
-        for (int64_t it = lo; it < hi; it++) {
-            int64_t span = it / Hkv, h = it % Hkv;
-            while (first[b + 1] <= span) b++;
-            int64_t begin = (span - first[b]) * SPAN, end = begin + SPAN < lengths[b] ? begin + SPAN : lengths[b];
-            const float *qh = q + (b * Hq + h * G) * D;
-            if (first[b + 1] - first[b] == 1)  /* one span: straight to the output */
-                attend_one(qh, D, k + h * S * D, v + h * S * D, blocks + offsets[b], begin, end, bs, G, scale,
-                           out + (b * Hq + h * G) * D, D, lse ? lse + b * Hq + h * G : NULL, D);
-            else
-                attend_one(qh, D, k + h * S * D, v + h * S * D, blocks + offsets[b], begin, end, bs, G, scale,
-                           part + (span * Hq + h * G) * D, D, part_lse + span * Hq + h * G, D);
-        }
-#pragma omp barrier
-        /* Merge the spans of split sessions: (session, query head) rows, in span order. */
-        share(B * Hq, &lo, &hi);
-        for (int64_t row = lo; row < hi; row++) {
-            int64_t b = row / Hq, i = row % Hq, n = first[b + 1] - first[b];
-            if (n == 1) continue;
-            float m = -FLT_MAX, total = 0.0f;
-            for (int64_t c = 0; c < n; c++) {
-                float l = part_lse[(first[b] + c) * Hq + i];
-                m = l > m ? l : m;
-            }
-            float *o = out + row * D;
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t c = 0; c < n; c++) {
-                float wc = expf(part_lse[(first[b] + c) * Hq + i] - m);
-                total += wc;
-                const float *pc = part + ((first[b] + c) * Hq + i) * D;
-                for (int64_t d = 0; d < D; d++) o[d] += wc * pc[d];
-            }
-            for (int64_t d = 0; d < D; d++) o[d] /= total;
-            if (lse) lse[row] = m + logf(total);
-        }
-    }
-    free(first);
-    free(part);
-    free(part_lse);
+    attention_part(q, k, v, S, blocks, offsets, lengths, bs, B, Hq, Hkv, D, scale, out, lse, &plan);
+    free_plan(&plan);
     return 0;
 #else
     (void)q; (void)k; (void)v; (void)S; (void)blocks; (void)offsets; (void)lengths; (void)bs; (void)B;
     (void)Hq; (void)Hkv; (void)D; (void)scale; (void)out; (void)lse;
+    return -1;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * One decoder layer (Llama family) for B sessions decoding one token each, in one parallel
+ * region: the same kernels, in the same order, as the layer's separate native calls, so the same
+ * bits, without a return to Python between the steps.
+ */
+typedef struct {
+    const float *ln_attn, *w_qkv, *b_qkv, *w_o, *b_o, *ln_mlp, *w_gate, *b_gate, *w_up, *b_up, *w_down, *b_down;
+    int64_t H, I, Hq, Hkv, D;  /* hidden, intermediate, query heads, KV heads, head dim */
+    float eps, scale;          /* RMSNorm epsilon, attention scale */
+} sc_layer_weights;
+
+typedef struct {
+    float *k_pool, *v_pool;         /* [Hkv, S, D] */
+    int64_t *pos_pool, *rope_pool;  /* [S] */
+    int64_t S, bs;                  /* slots, block size */
+    const int64_t *slots, *pos, *rope_pos;  /* [B]: the new tokens' slots and positions */
+    const float *cos, *sin;         /* [B or 1, D] */
+    int64_t ldcs;                   /* D, or 0 for one row shared by all */
+    const int32_t *blocks;          /* block tables, as sc_paged_decode_attention */
+    const int64_t *offsets, *lengths;
+} sc_layer_cache;
+
+/* Floats of scratch sc_decode_layer needs for B rows. */
+int64_t sc_decode_scratch_floats(const sc_layer_weights *w, int64_t B) {
+    return B * (w->H + (w->Hq + 2 * w->Hkv) * w->D + 2 * w->Hq * w->D + 3 * w->I);
+}
+
+/* x [B, H] (contiguous) is updated in place:
+ *   x += o_proj(attention(rope(qkv(rms_norm(x)))));  x += down(silu(gate(h)) * up(h)), h = rms_norm(x)
+ * appending each session's new K/V at its slot. scratch: sc_decode_scratch_floats(w, B) floats.
+ * Returns 0, -1 for shapes the attention kernel does not take, -2 when out of memory. */
+int sc_decode_layer(const sc_layer_weights *w, const sc_layer_cache *c, float *x, int64_t B, float *scratch) {
+#ifdef __AVX512F__
+    const int64_t H = w->H, I = w->I, Hq = w->Hq, Hkv = w->Hkv, D = w->D, W = (Hq + 2 * Hkv) * D;
+    if (D % 16 != 0 || D / 16 > MAX_DV || Hq % Hkv != 0 || Hq / Hkv > MAX_G) return -1;
+    float *h = scratch, *qkv = h + B * H, *q = qkv + B * W, *a = q + B * Hq * D, *gate = a + B * Hq * D,
+          *up = gate + B * I, *mid = up + B * I;
+    span_plan plan;
+    if (plan_spans(c->lengths, B, Hq, D, &plan)) return -2;
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        share(B, &lo, &hi);
+        rms_rows(x, H, w->ln_attn, w->eps, h, lo, hi, H);
+#pragma omp barrier
+        matmul_part(h, H, w->w_qkv, w->b_qkv, NULL, 0, qkv, W, B, W, w->H);
+#pragma omp barrier
+        share(B, &lo, &hi);
+        rope_rows(qkv, W, c->cos, c->sin, c->ldcs, c->slots, c->pos, c->rope_pos, c->k_pool, c->v_pool,
+                  c->pos_pool, c->rope_pool, c->S, q, lo, hi, Hq, Hkv, D);
+#pragma omp barrier
+        attention_part(q, c->k_pool, c->v_pool, c->S, c->blocks, c->offsets, c->lengths, c->bs, B, Hq, Hkv, D,
+                       w->scale, a, NULL, &plan);
+#pragma omp barrier
+        matmul_part(a, Hq * D, w->w_o, w->b_o, x, H, x, H, B, H, Hq * D);
+#pragma omp barrier
+        share(B, &lo, &hi);
+        rms_rows(x, H, w->ln_mlp, w->eps, h, lo, hi, H);
+#pragma omp barrier
+        matmul_part(h, H, w->w_gate, w->b_gate, NULL, 0, gate, I, B, I, H);
+        matmul_part(h, H, w->w_up, w->b_up, NULL, 0, up, I, B, I, H);
+#pragma omp barrier
+        share((B * I + 15) / 16, &lo, &hi);
+        silu_mul_range(gate, up, mid, 16 * lo, 16 * hi < B * I ? 16 * hi : B * I);
+#pragma omp barrier
+        matmul_part(mid, I, w->w_down, w->b_down, x, H, x, H, B, H, I);
+    }
+    free_plan(&plan);
+    return 0;
+#else
+    (void)w; (void)c; (void)x; (void)B; (void)scratch;
     return -1;
 #endif
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -230,3 +231,78 @@ def paged_decode_attention_unchecked(q: torch.Tensor, k_pool: torch.Tensor, v_po
         if rc != 0:
             raise ValueError(f"the kernel refused the shapes Hq={hq}, Hkv={hkv}, D={d}")
     return (out, lse) if lse is not None else out
+
+
+# -- one decoder layer per call ---------------------------------------------------------------------
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+LAYER_WEIGHT_NAMES = ("ln_attn", "w_qkv", "b_qkv", "w_o", "b_o", "ln_mlp", "w_gate", "b_gate", "w_up", "b_up",
+                      "w_down", "b_down")
+
+
+class LayerWeights(ctypes.Structure):
+    """`sc_layer_weights`: pointers to one Llama-family layer's weights (kept alive in `tensors`)."""
+
+    _fields_ = [(name, _P) for name in LAYER_WEIGHT_NAMES] + [(name, _I64) for name in ("H", "I", "Hq", "Hkv", "D")] \
+        + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+class LayerCache(ctypes.Structure):
+    """`sc_layer_cache`: one layer's pool and the step's slots, positions, RoPE rows and block tables."""
+
+    _fields_ = [("k_pool", _P), ("v_pool", _P), ("pos_pool", _P), ("rope_pool", _P), ("S", _I64), ("bs", _I64),
+                ("slots", _P), ("pos", _P), ("rope_pos", _P), ("cos", _P), ("sin", _P), ("ldcs", _I64),
+                ("blocks", _P), ("offsets", _P), ("lengths", _P)]
+
+
+def layer_weights(tensors: dict[str, torch.Tensor | None], *, num_heads: int, num_kv_heads: int, head_dim: int,
+                  eps: float, scale: float) -> LayerWeights | None:
+    """The `LayerWeights` of one layer for `decode_layer`, or None where its weights do not fit the
+    kernel (not fp32 CPU contiguous, or heads it does not take): the caller keeps its other path.
+
+    `tensors`: the names of `LAYER_WEIGHT_NAMES` (biases may be None): ln_attn `[H]`, w_qkv
+    `[(Hq + 2 Hkv) D, H]` (q, k, v stacked), w_o `[H, Hq D]`, ln_mlp `[H]`, w_gate and w_up `[I, H]`,
+    w_down `[H, I]`, each bias the size of its product's output.
+    """
+    w_gate = tensors["w_gate"]
+    if w_gate is None or head_dim % 16 or head_dim > MAX_HEAD_DIM or num_heads % num_kv_heads \
+            or num_heads // num_kv_heads > MAX_GROUP:
+        return None
+    inter, hidden = w_gate.shape
+    qd, qkv = num_heads * head_dim, (num_heads + 2 * num_kv_heads) * head_dim
+    shapes = {"ln_attn": (hidden,), "w_qkv": (qkv, hidden), "b_qkv": (qkv,), "w_o": (hidden, qd), "b_o": (hidden,),
+              "ln_mlp": (hidden,), "w_gate": (inter, hidden), "b_gate": (inter,), "w_up": (inter, hidden),
+              "b_up": (inter,), "w_down": (hidden, inter), "b_down": (hidden,)}
+    for name, shape in shapes.items():
+        t = tensors[name]
+        if t is None and name.startswith("b_"):
+            continue
+        if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" \
+                or not t.is_contiguous() or t.requires_grad:
+            return None
+    out = LayerWeights(*(0 if tensors[name] is None else tensors[name].data_ptr() for name in LAYER_WEIGHT_NAMES),
+                       hidden, inter, num_heads, num_kv_heads, head_dim, eps, scale)
+    out.tensors = dict(tensors)  # type: ignore[attr-defined]  # the pointers' owners
+    return out
+
+
+def decode_scratch(weights: LayerWeights, rows: int) -> torch.Tensor:
+    """A scratch buffer for `decode_layer` over `rows` sessions (reusable across layers)."""
+    lib = native.library()
+    assert lib is not None
+    fn = native.function("sc_decode_scratch_floats", [ctypes.POINTER(LayerWeights), _I64], _I64)
+    assert fn is not None
+    return torch.empty(int(fn(ctypes.byref(weights), rows)), dtype=torch.float32)
+
+
+def decode_layer_unchecked(weights: LayerWeights, cache: LayerCache, x: torch.Tensor, scratch: torch.Tensor) -> None:
+    """One decoder layer for B sessions decoding a token each, in place on `x [B, H]` (contiguous
+    fp32): RMSNorm, QKV, RoPE and the K/V write at `cache.slots`, paged decode attention, o_proj and
+    the residual, RMSNorm, SwiGLU MLP and the residual, in one native call. The same kernels in the
+    same order as the separate calls (`matmul_nt`, `rope_append`, `paged_decode_attention`,
+    `rms_norm`, `silu_mul`), so the same bits; for callers that built valid inputs (the model)."""
+    fn = native.function("sc_decode_layer", [ctypes.POINTER(LayerWeights), ctypes.POINTER(LayerCache), _P, _I64, _P],
+                         ctypes.c_int)
+    assert fn is not None
+    rc = fn(ctypes.byref(weights), ctypes.byref(cache), x.data_ptr(), x.shape[0], scratch.data_ptr())
+    if rc != 0:
+        raise ValueError(f"sc_decode_layer failed ({'unsupported shapes' if rc == -1 else 'out of memory'})")

@@ -141,11 +141,16 @@ def why_unavailable() -> str | None:
 
 
 def function(name: str, argtypes: list[type], restype: type | None = None) -> ctypes._CFuncPtr | None:
-    """The library's function `name` with its ctypes signature set, or None where the library is
-    unavailable: for kernels declared by the module that wraps them rather than in `_declare`."""
+    """The library's function `name` with its ctypes signature set (on the first call; later calls
+    return it as bound), or None where the library is unavailable: for kernels declared by the
+    module that wraps them rather than in `_declare`."""
+    bound: dict[str, ctypes._CFuncPtr] = _state.setdefault("functions", {})  # type: ignore[assignment]
+    if name in bound:
+        return bound[name]
     lib = library()
     if lib is None:
         return None
     fn = getattr(lib, name)
     fn.argtypes, fn.restype = argtypes, restype
+    bound[name] = fn
     return fn

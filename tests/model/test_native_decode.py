@@ -38,24 +38,59 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 5, 17, 30, 9)]
 
 
-def test_native_decode_equals_torch_paths(folder: Path, prompts: list[list[int]],
+@pytest.mark.parametrize("fused", [True, False])
+def test_native_decode_equals_torch_paths(folder: Path, prompts: list[list[int]], fused: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both native decode paths (one call a layer, or a call a step of the layer) against torch's."""
     calls: list[int] = []
-    real = llama._native_decode_attention
+    monkeypatch.setattr(llama.LlamaModel, "fused_decode", fused)
+    if fused:
+        real_layer = cpu.decode_layer_unchecked
 
-    def spy(caches, layer, q, scale):  # type: ignore[no-untyped-def]
-        calls.append(len(caches))
-        return real(caches, layer, q, scale)
+        def spy_layer(weights, cache, x, scratch):  # type: ignore[no-untyped-def]
+            calls.append(x.shape[0])
+            return real_layer(weights, cache, x, scratch)
 
-    monkeypatch.setattr(llama, "_native_decode_attention", spy)
+        monkeypatch.setattr(cpu, "decode_layer_unchecked", spy_layer)
+    else:
+        real = llama._native_decode_attention
+
+        def spy(caches, layer, q, scale):  # type: ignore[no-untyped-def]
+            calls.append(len(caches))
+            return real(caches, layer, q, scale)
+
+        monkeypatch.setattr(llama, "_native_decode_attention", spy)
     with native_kernels(False):
         want = decode_logits(folder, prompts, 6, VOCAB)
     assert not calls
     got = decode_logits(folder, prompts, 6, VOCAB)
-    assert calls and max(calls) == len(prompts)  # the kernel ran over the whole decode group
+    assert calls and max(calls) == len(prompts)  # the kernels ran over the whole decode group
     for i in range(len(prompts)):
         for r in range(6):
             assert_close(got[i][r], want[i][r], scale=10.0, msg=f"session {i} step {r}")
+
+
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_one_call_a_layer_equals_the_separate_native_calls_bit_for_bit(
+        tmp_path: Path, attention_bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decode_layer` runs the same kernels in the same order as the separate calls: the same bits,
+    with QKV biases (Qwen2) and with a session past one 512-key span (its spans merged by lse)."""
+    folder = make_tiny_llama(tmp_path / "m", hidden=40, heads=4, kv_heads=1, head_dim=16, layers=2,
+                             intermediate=72, vocab_size=VOCAB, tie=True, attention_bias=attention_bias,
+                             architecture="qwen2" if attention_bias else "llama", tokenizer="bytes")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (3, 530, 40)]
+    monkeypatch.setattr(llama.LlamaModel, "fused_decode", False)
+    want = decode_logits(folder, prompts, 3, VOCAB)
+    monkeypatch.setattr(llama.LlamaModel, "fused_decode", True)
+    calls: list[int] = []
+    real_layer = cpu.decode_layer_unchecked
+    monkeypatch.setattr(cpu, "decode_layer_unchecked", lambda *a: calls.append(a[2].shape[0]) or real_layer(*a))
+    got = decode_logits(folder, prompts, 3, VOCAB)
+    assert max(calls) == len(prompts)
+    for i in range(len(prompts)):
+        for r in range(3):
+            assert torch.equal(got[i][r], want[i][r]), f"session {i} step {r}"
 
 
 def test_batched_decode_equals_one_at_a_time_bit_for_bit(folder: Path, prompts: list[list[int]]) -> None:
