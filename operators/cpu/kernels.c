@@ -52,7 +52,8 @@ static inline void share(int64_t n, int64_t *lo, int64_t *hi) {
 #define MR 4
 #define NR 4
 /* Keeps a loaded vector in a register: gcc otherwise folds the load into every FMA that uses it,
- * and the tile then issues MR * NR loads per step instead of MR + NR. */
+ * and the tile then issues MR * NR loads per step instead of MR + NR (for the x rows too: 16
+ * rows' products at ~135 GFLOP/s from cache with the folded loads, ~170 without). */
 /* Weight blocks ahead of the current one whose lines a tile prefetches: one block ahead keeps a
  * one-row product (decode of one session) at 26 GB/s, two at 29-30 (SmolLM2, 2 threads). */
 #define PF_BLOCKS 2
@@ -78,6 +79,7 @@ static inline __attribute__((always_inline)) void tile(
         for (int i = 0; i < MR; i++) {
             if (i >= mr) break;
             __m512 xv = _mm512_loadu_ps(x + i * ldx + k);
+            IN_REGISTER(xv);  /* else folded into each of its NR FMAs: MR * NR loads a step */
             for (int j = 0; j < NR; j++)
                 if (j < nr) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
         }
