@@ -8,6 +8,7 @@ be built, `available()` is False and callers keep their torch paths. The plain r
 same signatures are in `naive`.
 """
 
+from streamctx.operators.cpu.attention import causal_attention, causal_attention_unchecked
 from streamctx.operators.cpu.kernels import (
     LAYER_WEIGHT_NAMES,
     LayerCache,
@@ -31,7 +32,8 @@ from streamctx.operators.cpu.kernels import (
     why_unavailable,
 )
 
-__all__ = ["LAYER_WEIGHT_NAMES", "LayerCache", "LayerWeights", "available", "decode_layer_unchecked", "decode_scratch",
-           "layer_weights", "enabled", "matmul_nt", "matmul_nt_unchecked", "native_kernels", "paged_decode_attention",
+__all__ = ["LAYER_WEIGHT_NAMES", "LayerCache", "LayerWeights", "available", "causal_attention",
+           "causal_attention_unchecked", "decode_layer_unchecked", "decode_scratch", "layer_weights", "enabled",
+           "matmul_nt", "matmul_nt_unchecked", "native_kernels", "paged_decode_attention",
            "paged_decode_attention_unchecked", "rms_norm", "rms_norm_unchecked", "rope_append",
            "rope_append_unchecked", "silu_mul", "silu_mul_unchecked", "why_unavailable"]

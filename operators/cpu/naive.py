@@ -58,3 +58,24 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     out = torch.stack(outs) if outs else q.new_empty(0, hq, d)
     lse = torch.stack(lses) if lses else q.new_empty(0, hq)
     return (out, lse) if return_lse else out
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float,
+                     return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The full score matrix, masked to keys `j <= q_offset + i`, then softmax and values.
+
+    q `[Hq, T, D]`, k, v `[Hkv, S, D]`; returns out `[T, Hq, D]` (and lse `[Hq, T]`); see
+    `streamctx.operators.cpu.causal_attention`. A query that sees no key gets out 0, lse -inf.
+    """
+    hq, t, d = q.shape
+    hkv, s, _ = k.shape
+    kk = k.repeat_interleave(hq // hkv, dim=0)
+    vv = v.repeat_interleave(hq // hkv, dim=0)
+    scores = torch.einsum("htd,hsd->hts", q, kk) * scale
+    visible = torch.arange(s)[None, :] <= q_offset + torch.arange(t)[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows without keys: 0
+    out = torch.einsum("hts,hsd->thd", probs, vv).contiguous()
+    return (out, lse) if return_lse else out
+

@@ -198,12 +198,13 @@ class LlamaModel:
                 rope_memo[start, n] = (cos, sin, torch.arange(start, start + n, device=dev))
             return rope_memo[start, n]
 
-        native_decode = (not key_mass and c.sliding_window is None and self._native_attention_fits()
-                         and native.enabled())
+        # Attention through the native kernels (decode and prefill chunks) where they take the shapes.
+        native_attention = (not key_mass and c.sliding_window is None and self._native_attention_fits()
+                            and native.enabled())
         # Sessions decoding one token with no attention hooks form the decode group: their RoPE and
         # cache writes are one call each per layer, their caches kept contiguous (zero-copy reads).
         # With the native kernels a lone session is a group too (the same kernels, the same bits).
-        group = _decode_group(caches, lens, min_size=1 if native_decode else 2)
+        group = _decode_group(caches, lens, min_size=1 if native_attention else 2)
         in_group = set(group)
         abs_pos = [None if i in in_group else torch.arange(cache.n_fed, cache.n_fed + n, device=dev)
                    for i, (cache, n) in enumerate(zip(caches, lens))]
@@ -213,7 +214,7 @@ class LlamaModel:
         g_rows = torch.tensor([offsets[i] for i in group], dtype=torch.int64, device=dev)
         g_caches = [caches[i] for i in group]
         g_pos = torch.tensor([caches[i].n_fed for i in group], dtype=torch.int64, device=dev)
-        if native_decode and len(group) == len(caches) and self._fused_decode_fits(len(group)):
+        if native_attention and len(group) == len(caches) and self._fused_decode_fits(len(group)):
             x = self._fused_decode_layers(g_caches, x, layers, g_pos)
             for cache in caches:
                 cache.n_fed += 1
@@ -231,7 +232,7 @@ class LlamaModel:
                     rope_prev = (rope_at, rope_t, cos, sin)
                 _, rope_t, cos, sin = rope_prev
                 part = qkv if len(group) == len(caches) else qkv.index_select(0, g_rows)  # [B, Hq + 2 Hkv, D]
-                if native_decode:  # RoPE with the cache writes, then attention: two native calls
+                if native_attention:  # RoPE with the cache writes, then attention: two native calls
                     slots = torch.tensor(reserve_slots(g_caches, li, rope_at), dtype=torch.int64)
                     pool = g_caches[0].pool  # after any growth in reserve_slots
                     q = native.rope_append_unchecked(part, cos, sin, slots, g_pos, rope_t, pool.flat_k(li),
@@ -260,8 +261,12 @@ class LlamaModel:
                 if policy is not None and getattr(policy, "observes_queries", False):
                     policy.observe(li, q, rpos)
                 extend = policy is not None and getattr(policy, "extends_attention", False)
-                if n == 1 and native_decode and not extend:  # the decode group's kernel: the same bits
-                    o = _native_decode_attention([cache], li, q.transpose(0, 1), self.scale).view(n, hq)
+                if native_attention and not extend:
+                    if n == 1:  # the decode group's kernel: the same bits
+                        o = _native_decode_attention([cache], li, q.transpose(0, 1), self.scale).view(n, hq)
+                    else:  # a prefill chunk over the cache it was just appended to
+                        keys, values = cache.kv(li)
+                        o = native.causal_attention_unchecked(q, keys, values, past, self.scale).view(n, hq)
                     if a is not None:
                         a[off:off + n] = o
                     else:

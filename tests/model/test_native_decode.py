@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import streamctx.model.llama as llama
+from streamctx import Engine
 from streamctx.operators import cpu
 from streamctx.operators.cpu import native_kernels
 from tests.fixtures.decode import decode_logits
@@ -99,3 +100,24 @@ def test_batched_decode_equals_one_at_a_time_bit_for_bit(folder: Path, prompts: 
     for i in range(len(prompts)):
         for r in range(4):
             assert torch.equal(together[i][r], alone[i][r]), f"session {i} step {r}"
+
+
+def test_native_prefill_attention_equals_torch_paths(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill chunks attend through `causal_attention` (over the cache they were appended to):
+    every position's logits as torch's path gives them, whole and in chunks of 16."""
+    calls: list[int] = []
+    real = cpu.causal_attention_unchecked
+    monkeypatch.setattr(cpu, "causal_attention_unchecked", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
+    ids = torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def logits(chunk: int) -> torch.Tensor:
+        engine = Engine.load(folder, block_size=4, prefill_chunk=chunk)
+        return engine.session("p").feed(ids, return_logits=True).logits
+
+    with native_kernels(False):
+        want = logits(16)
+    assert not calls
+    for chunk in (16, 128):
+        got = logits(chunk)
+        assert_close(got, want, scale=10.0, msg=f"chunks of {chunk}")
+    assert sorted(set(calls)) == [6, 16, 70]  # chunks of 16 (the last 6), then the whole prompt
