@@ -79,3 +79,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset
     out = torch.einsum("hts,hsd->thd", probs, vv).contiguous()
     return (out, lse) if return_lse else out
 
+
+def gemm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+            norm_weight: torch.Tensor | None = None, eps: float = 1e-5, residual: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual + (rms_norm(x) @ weight^T + bias)`, each of norm, bias and residual optional,
+    plainly in the inputs' dtype (`out`, when given, receives the result)."""
+    h = x if norm_weight is None else rms_norm(x, norm_weight, eps)
+    y = matmul_nt(h, weight, bias)
+    if residual is not None:
+        y = residual + y
+    return y if out is None else out.copy_(y)
+
+
+def gemm_nt_swiglu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *,
+                   norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu(h @ w_gate^T) * (h @ w_up^T)`, h = `rms_norm(x)` (or x), plainly."""
+    h = x if norm_weight is None else rms_norm(x, norm_weight, eps)
+    y = silu_mul(h @ w_gate.t(), h @ w_up.t())
+    return y if out is None else out.copy_(y)

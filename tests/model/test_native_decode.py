@@ -1,5 +1,5 @@
-"""Decode through the native CPU kernels (`streamctx.operators.cpu`) equals decode through the
-torch paths, and batched decode equals one session at a time bit for bit.
+"""Decode and prefill through the native CPU kernels (`streamctx.operators.cpu`) equal them through
+the torch paths, and batched decode equals one session at a time bit for bit.
 
 The tiny model has head_dim 16, so its decode attention takes the native kernel (head_dim a
 multiple of 16), as SmolLM2's does; most other tiny models here have odd head sizes and keep
@@ -102,13 +102,18 @@ def test_batched_decode_equals_one_at_a_time_bit_for_bit(folder: Path, prompts: 
             assert torch.equal(together[i][r], alone[i][r]), f"session {i} step {r}"
 
 
-def test_native_prefill_attention_equals_torch_paths(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefill chunks attend through `causal_attention` (over the cache they were appended to):
-    every position's logits as torch's path gives them, whole and in chunks of 16."""
-    calls: list[int] = []
-    real = cpu.causal_attention_unchecked
-    monkeypatch.setattr(cpu, "causal_attention_unchecked", lambda q, *a: calls.append(q.shape[1]) or real(q, *a))
-    ids = torch.randint(3, VOCAB, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+def test_native_prefill_equals_torch_paths(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill chunks attend through `causal_attention` (over the cache they were appended to), and
+    chunks of more than 64 tokens run their dense steps through the fused GEMM (`gemm_nt`): every
+    position's logits as torch's paths give them, in chunks of 16 and whole."""
+    attention_rows: list[int] = []
+    gemm_rows: list[int] = []
+    real_attention, real_gemm = cpu.causal_attention_unchecked, cpu.gemm_nt_unchecked
+    monkeypatch.setattr(cpu, "causal_attention_unchecked",
+                        lambda q, *a: attention_rows.append(q.shape[1]) or real_attention(q, *a))
+    monkeypatch.setattr(cpu, "gemm_nt_unchecked", lambda x, *a, **kw: gemm_rows.append(x.shape[0])
+                        or real_gemm(x, *a, **kw))
+    ids = torch.randint(3, VOCAB, (150,), generator=torch.Generator().manual_seed(2)).tolist()
 
     def logits(chunk: int) -> torch.Tensor:
         engine = Engine.load(folder, block_size=4, prefill_chunk=chunk)
@@ -116,8 +121,10 @@ def test_native_prefill_attention_equals_torch_paths(folder: Path, monkeypatch: 
 
     with native_kernels(False):
         want = logits(16)
-    assert not calls
-    for chunk in (16, 128):
-        got = logits(chunk)
-        assert_close(got, want, scale=10.0, msg=f"chunks of {chunk}")
-    assert sorted(set(calls)) == [6, 16, 70]  # chunks of 16 (the last 6), then the whole prompt
+    assert not attention_rows and not gemm_rows
+    got = logits(16)
+    assert_close(got, want, scale=10.0, msg="chunks of 16")
+    assert sorted(set(attention_rows)) == [6, 16] and not gemm_rows  # decode-sized chunks: matmul_nt
+    got = logits(256)
+    assert_close(got, want, scale=10.0, msg="whole")
+    assert sorted(set(attention_rows)) == [6, 16, 150] and set(gemm_rows) == {150}
