@@ -9,7 +9,9 @@ Cells (each in its own subprocess, so peak RSS belongs to the cell):
   per-token latency is the forward time of each step. The one-at-a-time rate does not depend on
   NN (every clone is the same), so it runs on min(NN, 2) sessions.
   `of_bound`: batched tokens/s over the bandwidth bound of the batch: each step reads the weights
-  once plus every session's attended KV, over the `membw` read rate of the same run.
+  once plus every session's attended KV, over the read rate the cell measures before each of its
+  rounds (`torch.sum` over 512 MB, the best of them: the machine's rate swings from minute to
+  minute, so the `membw` row's rate, measured apart, can sit below what decode itself reads).
 - mixed_512: 15 sessions decode continuously while 4 new sessions arrive one after another
   with a 512-token prompt and ask for 8 tokens: time to first token of the arrivals (prefill
   chunk batched with the others' decode steps) vs the same arrival on an idle engine, and the
@@ -38,7 +40,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Cell  # noqa: E402
-from benchmarks.model import _kv_bytes_per_token, _prompt, memory_read_gbps  # noqa: E402
+from benchmarks.model import MEMBW_BYTES, _kv_bytes_per_token, _prompt, _read_rate, memory_read_gbps  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CELLS_DIR = RESULTS / "batching"
@@ -93,14 +95,19 @@ def _flops_per_token(engine: Any, context: int) -> int:
 
 
 def decode(context: int, n: int, rounds: int) -> dict[str, Any]:
+    import torch
+
     engine, blob = _engine_with_clones(context, n)
     singles = min(n, 2)
     best_b, best_s = 0.0, 0.0
     lat_b: list[float] = []
     lat_s: list[float] = []
+    rates: list[float] = []
+    membw_buf = torch.ones(MEMBW_BYTES // 4, dtype=torch.float32)
     load = _load()
     fwd = _timed_forward(engine)
     for r in range(rounds):
+        rates.append(_read_rate(membw_buf, repeats=5))
         sids = [f"r{r}b{i}" for i in range(n)]
         for sid in sids:
             engine.session(sid, state=blob)
@@ -136,7 +143,7 @@ def decode(context: int, n: int, rounds: int) -> dict[str, Any]:
             "single_p50_ms": 1e3 * _pct(lat_s, 0.5), "single_p99_ms": 1e3 * _pct(lat_s, 0.99),
             "p99_vs_single": _pct(lat_b, 0.99) / _pct(lat_s, 0.99),
             "bytes_per_step": weights + n * kv, "flops_per_token": _flops_per_token(engine, context + NEW_TOKENS // 2),
-            "rounds": rounds, "threads": THREADS, "load_1m": load}
+            "mem_gbps": max(rates), "rounds": rounds, "threads": THREADS, "load_1m": load}
 
 
 def mixed(context: int, decoders: int, arrivals: int, every: int) -> dict[str, Any]:
@@ -219,14 +226,16 @@ CELLS = [
 
 
 def add_bound(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`of_bound`: batched tokens/s over the batch's bandwidth bound (the `membw` row);
-    `of_roofline`: over min(bandwidth bound, compute bound at the `gemm` row's matmul rate)."""
+    """`of_bound`: batched tokens/s over the batch's bandwidth bound (the read rate the cell measured
+    between its own rounds, else the `membw` row's); `of_roofline`: over min(bandwidth bound,
+    compute bound at the `gemm` row's matmul rate)."""
     bw = next((r.get("mem_gbps") for r in rows if r["cell"] == "membw"), None)
     gf = next((r.get("gemm_gflops") for r in rows if r["cell"] == "gemm"), None)
     for r in rows:
-        if bw and r.get("bytes_per_step") and r.get("status") == "ok":
-            r["mem_gbps"] = bw
-            r["bound_tok_s"] = r["sessions"] * bw * 1e9 / r["bytes_per_step"]
+        rate = r.get("mem_gbps") or bw
+        if rate and r.get("bytes_per_step") and r.get("status") == "ok":
+            r["mem_gbps"] = rate
+            r["bound_tok_s"] = r["sessions"] * rate * 1e9 / r["bytes_per_step"]
             r["of_bound"] = r["tok_s"] / r["bound_tok_s"]
             if gf and r.get("flops_per_token"):
                 r["compute_tok_s"] = gf * 1e9 / r["flops_per_token"]
