@@ -25,15 +25,15 @@ that reads every session's blocks in place through its block table, and a lone d
 takes the same kernel, so batched and one-at-a-time decode give the same bits (16 sessions at
 512 tokens: ~15 ms a step for 30 layers, against 41 ms in per-session calls). When the whole step
 is the decode group (at most 64 sessions), each layer is one native call (`decode_layer`: norms,
-products, RoPE and cache write, attention, MLP, residuals in one parallel region): the same kernels
-in the same order, so the same bits, without ~8 returns to Python a layer (SmolLM2, one session at
-2K: 47.5 vs 41.5 tok/s). Without the native kernels, the per-session calls remain: gathering all caches into a
-padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the gather copies every attended key
-each step and cost more than the per-session attention calls it replaced (16 sessions x 2K tokens:
-30 ms vs 3.6 ms per layer on 2 cores). On CUDA the per-session calls are launch-bound and the
-gather is cheap, so the group attends in one padded call (`_padded_decode_attention`). Sessions whose policy observes queries or extends
-attention (snapkv, retrieval, hierarchical, compressive) and prefill chunks take the
-per-session path.
+products, RoPE and cache write, attention, MLP, residuals in one parallel region): the same
+kernels in the same order, so the same bits, without ~8 returns to Python a layer (SmolLM2, one
+session at 2K: 47.5 vs 41.5 tok/s). Without the native kernels, the per-session calls remain:
+gathering all caches into a padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the
+gather copies every attended key each step and cost more than the per-session attention calls it
+replaced (16 sessions x 2K tokens: 30 ms vs 3.6 ms per layer on 2 cores). On CUDA the per-session
+calls are launch-bound and the gather is cheap, so the group attends in one padded call
+(`_padded_decode_attention`). Sessions whose policy observes queries or extends attention
+(snapkv, retrieval, hierarchical, compressive) and prefill chunks take the per-session path.
 
 Prefill on the CPU (fp32, native kernels built): a chunk attends through `causal_attention`
 (flash-style, over the cache it was just appended to), and a step of more than 64 rows runs its
@@ -326,7 +326,8 @@ class LlamaModel:
                 and x.device.type == "cpu" and self.dtype == torch.float32 and layer.b_gate is None
                 and layer.b_up is None and choose_path(NATIVE_MAX_ROWS, 1, 1)[0] == "native"
                 and not torch.is_grad_enabled()
-                and all(w.is_contiguous() for w in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up, layer.w_down)))
+                and all(w.is_contiguous() for w in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up,
+                                                    layer.w_down)))
 
     def _fused_decode_fits(self, rows: int) -> bool:
         """Whether a decode step of `rows` sessions runs each layer as one native call
