@@ -26,9 +26,7 @@
 #include <string.h>
 #include <omp.h>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 #ifdef __AVX512F__
 
@@ -54,25 +52,6 @@ static inline void split(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) 
 
 static inline __mmask16 tail_mask(int64_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
-/* exp(x) as kernels.c's exp512 (the same bits as sc_silu_mul). */
-static inline __m512 exp512(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
-    const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* In place: r[i] lane j becomes r[j] lane i (16 x 16 floats, 64 shuffles). */
@@ -131,21 +110,6 @@ static void pack_strip(const float *w0, const float *w1, int64_t N, int64_t K, i
         pack_half(w0 + n0 * K, K, rows, K, dst);
         pack_half(w1 + n0 * K, K, rows, K, dst + 16);
     }
-}
-
-/* 1 / sqrt(mean(x^2) + eps) of one row, summed as sc_rms_norm. */
-static inline float rms_scale(const float *xr, int64_t K, float eps) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 v = _mm512_loadu_ps(xr + k);
-        acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    if (k < K) {
-        __m512 v = _mm512_maskz_loadu_ps(tail_mask(K - k), xr + k);
-        acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    return 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)K + eps);
 }
 
 /* One tile of x: dst[k * 12 + i] = x[i, k] (times scale[i] * norm_w[k], in that order, as the

@@ -19,19 +19,10 @@ import ctypes
 import torch
 
 from streamctx.operators.cpu import native
+from streamctx.operators.cpu.kernels import _check_cpu_f32, _require
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _fns: dict[str, ctypes._CFuncPtr] = {}
-
-
-def _require() -> None:
-    if native.library() is None:
-        raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
-
-
-def _check_cpu_f32(name: str, t: torch.Tensor) -> None:
-    if t.dtype != torch.float32 or t.device.type != "cpu":
-        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
 
 
 def _fn(name: str) -> ctypes._CFuncPtr:
@@ -44,6 +35,13 @@ def _fn(name: str) -> ctypes._CFuncPtr:
             raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
         _fns[name] = fn
     return fn
+
+
+def _operands(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x with unit column stride, and `out` or a new `[M, n]` result."""
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    return x, torch.empty(x.shape[0], n, dtype=torch.float32) if out is None else out
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -133,12 +131,8 @@ def gemm_nt_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """`gemm_nt` for callers that checked dtypes, devices, shapes and overlaps (weight, bias and
     norm_weight contiguous; out, when given, with unit column stride)."""
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    if out is None:
-        out = torch.empty(m, n, dtype=torch.float32)
+    x, out = _operands(x, weight.shape[0], out)
+    (m, k), n = x.shape, out.shape[1]
     if m and n:
         if residual is not None and residual.stride(1) != 1 and n > 1:
             residual = residual.contiguous()
@@ -166,12 +160,8 @@ def gemm_nt_swiglu_unchecked(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.
                              out: torch.Tensor | None = None) -> torch.Tensor:
     """`gemm_nt_swiglu` for callers that checked dtypes, devices, shapes and overlaps (weights
     contiguous)."""
-    if x.stride(1) != 1 and x.shape[1] > 1:
-        x = x.contiguous()
-    m, k = x.shape
-    n = w_gate.shape[0]
-    if out is None:
-        out = torch.empty(m, n, dtype=torch.float32)
+    x, out = _operands(x, w_gate.shape[0], out)
+    (m, k), n = x.shape, out.shape[1]
     if m and n:
         _check_rc(_fn("sc_gemm_nt_swiglu")(_ptr(x), x.stride(0), _ptr(w_gate), _ptr(w_up), _ptr(norm_weight), eps,
                                            _ptr(out), out.stride(0), m, n, k))

@@ -21,9 +21,7 @@
 #include <string.h>
 #include <omp.h>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 int sc_version(void) { return 1; }
 
@@ -215,28 +213,6 @@ void sc_matmul_nt(const float *x, int64_t ldx, const float *w, const float *bias
 }
 
 #ifdef __AVX512F__
-/* ---------------------------------------------------------------------------------------------
- * exp(x): 2^n * p(r), r in [-ln2/2, ln2/2], Cody-Waite split of ln 2 and a degree-6
- * polynomial (relative error ~2e-7, as expf); 0 below -103, inf above 88.7.
- */
-static inline __m512 exp512(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f);
-    const __m512 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-103.0f));  /* below: 0 after scalef */
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* r[j] = the sum of the 16 lanes of a[j], for 16 vectors at once (a transpose-and-add tree: about
  * 3 instructions a vector where 16 separate reductions take 8 each). Each sum's order depends on
  * lane positions only. */
@@ -426,18 +402,9 @@ static void rms_rows(const float *x, int64_t ldx, const float *w, float eps, flo
     for (int64_t m = m0; m < m1; m++) {
         const float *xr = x + m * ldx;
         float *yr = y + m * H;
-        __m512 acc = _mm512_setzero_ps();
+        __m512 r = _mm512_set1_ps(rms_scale(xr, H, eps));
         int64_t k = 0;
-        for (; k + 16 <= H; k += 16) {
-            __m512 v = _mm512_loadu_ps(xr + k);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        if (k < H) {
-            __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << (H - k)) - 1u), xr + k);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)H + eps));
-        for (k = 0; k + 16 <= H; k += 16)
+        for (; k + 16 <= H; k += 16)
             _mm512_storeu_ps(yr + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), r), _mm512_loadu_ps(w + k)));
         if (k < H) {
             __mmask16 mask = (__mmask16)((1u << (H - k)) - 1u);

@@ -1,4 +1,5 @@
-"""Build and load the C sources beside this file (`*.c`) as one library on first use.
+"""Build and load the C sources beside this file (`*.c`, with the `*.h` they include) as one
+library on first use.
 
 The library is compiled once per set of sources, compiler flags and CPU into a cache folder
 (`$STREAMCTX_KERNEL_CACHE`, else `$XDG_CACHE_HOME/streamctx/kernels`, else
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch  # noqa: F401  (loaded first: the library must bind to torch's libgomp)
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.c")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # included by the sources: part of the build key
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", "-std=c11", "-Wall",
          "-Werror")
 ENV_SWITCH = "STREAMCTX_NATIVE_KERNELS"
@@ -59,7 +61,7 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
-    source = b"".join(path.name.encode() + b"\0" + path.read_bytes() for path in SOURCES)
+    source = b"".join(path.name.encode() + b"\0" + path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + cc.encode() + _cpu_flags().encode()
                          + sys.platform.encode()).hexdigest()[:16]
     folder = cache_dir()
