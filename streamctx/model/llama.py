@@ -107,7 +107,7 @@ class LlamaModel:
         self.rope = Rope(c.head_dim, c.rope_theta, c.rope_scaling, dtype=dtype, device=self.device)
         self.pool = BlockPool(c.num_layers, c.num_kv_heads, c.head_dim, block_size=block_size,
                               dtype=dtype, device=self.device)
-        self._layer_weights: list[native.LayerWeights] | None = None  # built on the first fused decode step
+        self._layer_weights: list[native.LayerWeights | None] | None = None  # built on the first fused decode step
 
     def _layer(self, w: Weights, i: int) -> _Layer:
         c, p = self.config, f"model.layers.{i}."
@@ -220,13 +220,13 @@ class LlamaModel:
         g_rows = torch.tensor([offsets[i] for i in group], dtype=torch.int64, device=dev)
         g_caches = [caches[i] for i in group]
         g_pos = torch.tensor([caches[i].n_fed for i in group], dtype=torch.int64, device=dev)
-        if native_attention and len(group) == len(caches) and self._fused_decode_fits(len(group)):
+        if native_attention and len(group) == len(caches) and self._fused_decode_fits(len(group), layers):
             x = self._fused_decode_layers(g_caches, x, layers, g_pos)
             for cache in caches:
                 cache.n_fed += 1
             return x
         rope_prev: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        fused_dense = self._fused_dense_fits(x)
+        fused_dense = self._fused_dense_fits(x, layers)
         if fused_dense:
             x = x.contiguous().clone()  # the residual sums are written in place
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
@@ -317,31 +317,33 @@ class LlamaModel:
             cache.n_fed += n
         return x
 
-    def _fused_dense_fits(self, x: torch.Tensor) -> bool:
-        """Whether the dense steps of `x [N, H]` (more rows than decode's) run through the native
-        GEMM with the norms, SwiGLU and residuals fused (`native.gemm_nt`): fp32 CPU, kernels on,
-        no MLP biases (the fused SwiGLU has none; no Llama-family checkpoint here uses them)."""
-        layer = self.layers[0]
-        return (x.dim() == 2 and x.shape[0] > NATIVE_MAX_ROWS and x.dtype == torch.float32
-                and x.device.type == "cpu" and self.dtype == torch.float32 and layer.b_gate is None
-                and layer.b_up is None and choose_path(NATIVE_MAX_ROWS, 1, 1)[0] == "native"
-                and not torch.is_grad_enabled()
-                and all(w.is_contiguous() for w in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up,
-                                                    layer.w_down)))
+    def _fused_dense_fits(self, x: torch.Tensor, layers: range) -> bool:
+        """Whether the dense steps of `x [N, H]` (more rows than decode's) through `layers` run
+        through the native GEMM with the norms, SwiGLU and residuals fused (`native.gemm_nt`): fp32
+        CPU, kernels on, no MLP biases (the fused SwiGLU has none; no Llama-family checkpoint here
+        uses them)."""
+        if not (x.dim() == 2 and x.shape[0] > NATIVE_MAX_ROWS and x.dtype == torch.float32
+                and x.device.type == "cpu" and self.dtype == torch.float32
+                and choose_path(NATIVE_MAX_ROWS, 1, 1)[0] == "native" and not torch.is_grad_enabled()):
+            return False
+        return all(layer.b_gate is None and layer.b_up is None
+                   and all(w.is_contiguous() for w in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up, layer.w_down))
+                   for layer in self.layers[layers.start:layers.stop])
 
-    def _fused_decode_fits(self, rows: int) -> bool:
-        """Whether a decode step of `rows` sessions runs each layer as one native call
-        (`native.decode_layer_unchecked`): exactly where the separate calls would all be native."""
+    def _fused_decode_fits(self, rows: int, layers: range) -> bool:
+        """Whether a decode step of `rows` sessions through `layers` runs each layer as one native
+        call (`native.decode_layer_unchecked`): exactly where the separate calls would all be native."""
         if not self.fused_decode or choose_path(rows, self.config.intermediate_size, 1)[0] != "native" \
                 or rows > NATIVE_MAX_ROWS:
             return False
-        if self._layer_weights is None:
+        if self._layer_weights is None:  # None for a layer this model does not hold (a pipeline stage's)
             c = self.config
-            built = [native.layer_weights({name: getattr(layer, name) for name in native.LAYER_WEIGHT_NAMES},
-                                          num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                          eps=c.rms_norm_eps, scale=self.scale) for layer in self.layers]
-            self._layer_weights = built if all(w is not None for w in built) else []
-        return bool(self._layer_weights)
+            self._layer_weights = [
+                None if layer is None else native.layer_weights(
+                    {name: getattr(layer, name) for name in native.LAYER_WEIGHT_NAMES}, num_heads=c.num_heads,
+                    num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, scale=self.scale)
+                for layer in self.layers]
+        return all(w is not None for w in self._layer_weights[layers.start:layers.stop])
 
     def _fused_decode_layers(self, caches: Sequence[SessionKV], x: torch.Tensor, layers: range,
                              positions: torch.Tensor) -> torch.Tensor:
@@ -350,9 +352,10 @@ class LlamaModel:
         x = x.contiguous().clone()  # updated in place by the kernel; the caller's tensor stays as it was
         rope_prev: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         prev: tuple | None = None  # the last layer's slots and tables, as lists and as tensors
-        scratch = native.decode_scratch(self._layer_weights[0], len(caches))
+        weights_of = self._layer_weights[layers.start:layers.stop]
+        scratch = native.decode_scratch(weights_of[0], len(caches))
         cache_args = native.LayerCache()
-        for li, weights in enumerate(self._layer_weights[layers.start:layers.stop]):
+        for li, weights in enumerate(weights_of):
             rope_at = [cc.layers[li].next_rope for cc in caches]
             if rope_prev is None or rope_prev[0] != rope_at:  # layers usually share positions
                 rope_t = torch.tensor(rope_at, dtype=torch.int64)

@@ -33,6 +33,14 @@ def _inputs(hkv: int, group: int, t: int, s: int, d: int, seed: int, *, strided:
     return q, k, v
 
 
+def _out_floor(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> float:
+    """What fp32 rounding of the scores alone can move an output by: a probability's relative error
+    is a few ulps of its score (exp(s - m) of a rounded s), times the largest value it weighs."""
+    kk = k.double().repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    scores = torch.einsum("htd,hsd->hts", q.double(), kk) * scale
+    return 1e-6 + 4 * 2.0 ** -24 * scores.abs().max().item() * v.abs().max().item()
+
+
 def _lse_floor(exact_lse: torch.Tensor) -> float:
     """A few fp32 ulps of the largest lse: the kernel's scores are as exact as torch's relative to
     their size, and a few keys can leave torch's lse exact by luck."""
@@ -54,8 +62,9 @@ def test_causal_attention_matches_fp64(t: int, q_offset: int, extra: int, group:
     exact, exact_lse = naive.causal_attention(q.double(), k.double(), v.double(), q_offset, scale, return_lse=True)
     plain, plain_lse = naive.causal_attention(q, k, v, q_offset, scale, return_lse=True)
     # Scores `sharp` times larger carry `sharp` times larger rounding errors, in torch's as in ours;
-    # with a few keys torch's can be small by luck.
-    assert_lowp_close(out, plain, exact, factor=3.0, floor=1e-6 * sharp)
+    # with a few keys torch's can be small by luck (t=1, 312 keys, D=128, sharp 6: ours 1.5e-5,
+    # torch's 2.6e-6), so the floor is the scores' own rounding.
+    assert_lowp_close(out, plain, exact, factor=3.0, floor=_out_floor(q, k, v, scale))
     assert_lowp_close(lse, plain_lse, exact_lse, factor=3.0, floor=_lse_floor(exact_lse))
     assert torch.equal(cpu.causal_attention(q, k, v, q_offset, scale), out)  # without lse: the same bits
 
