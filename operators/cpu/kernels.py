@@ -256,7 +256,7 @@ class LayerCache(ctypes.Structure):
 
 def layer_weights(tensors: dict[str, torch.Tensor | None], *, num_heads: int, num_kv_heads: int, head_dim: int,
                   eps: float, scale: float) -> LayerWeights | None:
-    """The `LayerWeights` of one layer for `decode_layer`, or None where its weights do not fit the
+    """The `LayerWeights` of one layer for `decode_layer_unchecked`, or None where its weights do not fit the
     kernel (not fp32 CPU contiguous, or heads it does not take): the caller keeps its other path.
 
     `tensors`: the names of `LAYER_WEIGHT_NAMES` (biases may be None): ln_attn `[H]`, w_qkv
@@ -286,9 +286,7 @@ def layer_weights(tensors: dict[str, torch.Tensor | None], *, num_heads: int, nu
 
 
 def decode_scratch(weights: LayerWeights, rows: int) -> torch.Tensor:
-    """A scratch buffer for `decode_layer` over `rows` sessions (reusable across layers)."""
-    lib = native.library()
-    assert lib is not None
+    """A scratch buffer for `decode_layer_unchecked` over `rows` sessions (reusable across layers)."""
     fn = native.function("sc_decode_scratch_floats", [ctypes.POINTER(LayerWeights), _I64], _I64)
     assert fn is not None
     return torch.empty(int(fn(ctypes.byref(weights), rows)), dtype=torch.float32)
@@ -304,5 +302,7 @@ def decode_layer_unchecked(weights: LayerWeights, cache: LayerCache, x: torch.Te
                          ctypes.c_int)
     assert fn is not None
     rc = fn(ctypes.byref(weights), ctypes.byref(cache), x.data_ptr(), x.shape[0], scratch.data_ptr())
+    if rc == -2:
+        raise MemoryError("sc_decode_layer: out of memory for the attention's span buffers")
     if rc != 0:
-        raise ValueError(f"sc_decode_layer failed ({'unsupported shapes' if rc == -1 else 'out of memory'})")
+        raise ValueError("sc_decode_layer refused the layer's shapes")

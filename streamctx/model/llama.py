@@ -24,10 +24,10 @@ session's attention reads its cache as a zero-copy view. On the CPU (fp32, head_
 that reads every session's blocks in place through its block table, and a lone decoding session
 takes the same kernel, so batched and one-at-a-time decode give the same bits (16 sessions at
 512 tokens: ~15 ms a step for 30 layers, against 41 ms in per-session calls). When the whole step
-is the decode group (at most 64 sessions), each layer is one native call (`decode_layer`: norms,
-products, RoPE and cache write, attention, MLP, residuals in one parallel region): the same
-kernels in the same order, so the same bits, without ~8 returns to Python a layer (SmolLM2, one
-session at 2K: 47.5 vs 41.5 tok/s). Without the native kernels, the per-session calls remain:
+is the decode group (at most 64 sessions), each layer is one native call
+(`decode_layer_unchecked`: norms, products, RoPE and cache write, attention, MLP, residuals in one
+parallel region): the same kernels in the same order, so the same bits, without ~8 returns to
+Python a layer (SmolLM2, one session at 2K: 47.5 vs 41.5 tok/s). Without the native kernels, the per-session calls remain:
 gathering all caches into a padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the
 gather copies every attended key each step and cost more than the per-session attention calls it
 replaced (16 sessions x 2K tokens: 30 ms vs 3.6 ms per layer on 2 cores). On CUDA the per-session
