@@ -6,7 +6,6 @@ The plain reference with the same signature is `naive.causal_attention`.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import operator
 
@@ -16,19 +15,6 @@ from streamctx.operators.cpu import native
 from streamctx.operators.cpu.kernels import _check_cpu_f32, _require
 
 MAX_HEAD_DIM = 256  # attention.c: D % 16 == 0 and D <= 256
-
-_fn: list[ctypes._CFuncPtr] = []
-
-
-def _kernel() -> ctypes._CFuncPtr:
-    if not _fn:
-        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        fn = native.function("sc_causal_attention",
-                             [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, f32, p, i64, i64, p],
-                             ctypes.c_int)
-        assert fn is not None, "native kernels unavailable"
-        _fn.append(fn)
-    return _fn[0]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, scale: float,
@@ -83,9 +69,10 @@ def causal_attention_unchecked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     hkv, s, _ = k.shape
     out = torch.empty(t, hq, d, dtype=torch.float32)
     lse = torch.empty(hq, t, dtype=torch.float32) if return_lse else None
-    rc = _kernel()(q.data_ptr(), q.stride(1), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(),
-                   v.stride(0), v.stride(1), t, s, q_offset, hq, hkv, d, scale, out.data_ptr(), hq * d, d,
-                   None if lse is None else lse.data_ptr())
+    rc = native.library().sc_causal_attention(  # type: ignore[union-attr]
+        q.data_ptr(), q.stride(1), q.stride(0), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+        v.stride(1), t, s, q_offset, hq, hkv, d, scale, out.data_ptr(), hq * d, d,
+        None if lse is None else lse.data_ptr())
     if rc == -2:
         raise MemoryError("causal_attention: out of memory for the kernel's buffers")
     if rc != 0:

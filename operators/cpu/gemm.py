@@ -14,28 +14,10 @@ other rows or on the thread count; the fused norm and SwiGLU have the same bits 
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 
 from streamctx.operators.cpu import native
 from streamctx.operators.cpu.kernels import _check_cpu_f32, _require
-
-_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_fns: dict[str, ctypes._CFuncPtr] = {}
-
-
-def _fn(name: str) -> ctypes._CFuncPtr:
-    fn = _fns.get(name)
-    if fn is None:
-        args = {"sc_gemm_nt": [_P, _I64, _P, _P, _P, _F32, _P, _I64, _P, _I64, _I64, _I64, _I64],
-                "sc_gemm_nt_swiglu": [_P, _I64, _P, _P, _P, _F32, _P, _I64, _I64, _I64, _I64]}[name]
-        fn = native.function(name, args, ctypes.c_int)
-        if fn is None:
-            raise RuntimeError(f"native kernels unavailable: {native.why_unavailable()}")
-        _fns[name] = fn
-    return fn
-
 
 def _operands(x: torch.Tensor, n: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x with unit column stride, and `out` or a new `[M, n]` result."""
@@ -136,9 +118,9 @@ def gemm_nt_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if m and n:
         if residual is not None and residual.stride(1) != 1 and n > 1:
             residual = residual.contiguous()
-        _check_rc(_fn("sc_gemm_nt")(_ptr(x), x.stride(0), _ptr(weight), _ptr(bias), _ptr(norm_weight), eps,
-                                    _ptr(residual), 0 if residual is None else residual.stride(0), _ptr(out),
-                                    out.stride(0), m, n, k))
+        _check_rc(native.library().sc_gemm_nt(  # type: ignore[union-attr]
+            _ptr(x), x.stride(0), _ptr(weight), _ptr(bias), _ptr(norm_weight), eps, _ptr(residual),
+            0 if residual is None else residual.stride(0), _ptr(out), out.stride(0), m, n, k))
     return out
 
 
@@ -163,6 +145,7 @@ def gemm_nt_swiglu_unchecked(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.
     x, out = _operands(x, w_gate.shape[0], out)
     (m, k), n = x.shape, out.shape[1]
     if m and n:
-        _check_rc(_fn("sc_gemm_nt_swiglu")(_ptr(x), x.stride(0), _ptr(w_gate), _ptr(w_up), _ptr(norm_weight), eps,
-                                           _ptr(out), out.stride(0), m, n, k))
+        _check_rc(native.library().sc_gemm_nt_swiglu(  # type: ignore[union-attr]
+            _ptr(x), x.stride(0), _ptr(w_gate), _ptr(w_up), _ptr(norm_weight), eps, _ptr(out), out.stride(0), m, n,
+            k))
     return out

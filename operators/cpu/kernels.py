@@ -287,9 +287,9 @@ def layer_weights(tensors: dict[str, torch.Tensor | None], *, num_heads: int, nu
 
 def decode_scratch(weights: LayerWeights, rows: int) -> torch.Tensor:
     """A scratch buffer for `decode_layer_unchecked` over `rows` sessions (reusable across layers)."""
-    fn = native.function("sc_decode_scratch_floats", [ctypes.POINTER(LayerWeights), _I64], _I64)
-    assert fn is not None
-    return torch.empty(int(fn(ctypes.byref(weights), rows)), dtype=torch.float32)
+    lib = native.library()
+    assert lib is not None
+    return torch.empty(int(lib.sc_decode_scratch_floats(ctypes.addressof(weights), rows)), dtype=torch.float32)
 
 
 def decode_layer_unchecked(weights: LayerWeights, cache: LayerCache, x: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -298,10 +298,10 @@ def decode_layer_unchecked(weights: LayerWeights, cache: LayerCache, x: torch.Te
     the residual, RMSNorm, SwiGLU MLP and the residual, in one native call. The same kernels in the
     same order as the separate calls (`matmul_nt`, `rope_append`, `paged_decode_attention`,
     `rms_norm`, `silu_mul`), so the same bits; for callers that built valid inputs (the model)."""
-    fn = native.function("sc_decode_layer", [ctypes.POINTER(LayerWeights), ctypes.POINTER(LayerCache), _P, _I64, _P],
-                         ctypes.c_int)
-    assert fn is not None
-    rc = fn(ctypes.byref(weights), ctypes.byref(cache), x.data_ptr(), x.shape[0], scratch.data_ptr())
+    lib = native.library()
+    assert lib is not None
+    rc = lib.sc_decode_layer(ctypes.addressof(weights), ctypes.addressof(cache), x.data_ptr(), x.shape[0],
+                             scratch.data_ptr())
     if rc == -2:
         raise MemoryError("sc_decode_layer: out of memory for the attention's span buffers")
     if rc != 0:

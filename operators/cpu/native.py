@@ -85,6 +85,7 @@ def _build(cc: str) -> Path:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    """The C signatures of every source's entry points (the library's whole ABI, in one place)."""
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.sc_version.restype = ctypes.c_int
     lib.sc_has_avx512.restype = ctypes.c_int
@@ -98,6 +99,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sc_silu_mul.restype = None
     lib.sc_rope_append.argtypes = [p, i64, p, p, i64, p, p, p, p, p, p, p, i64, p, i64, i64, i64, i64]
     lib.sc_rope_append.restype = None
+    lib.sc_decode_scratch_floats.argtypes = [p, i64]  # (sc_layer_weights *, rows)
+    lib.sc_decode_scratch_floats.restype = i64
+    lib.sc_decode_layer.argtypes = [p, p, p, i64, p]  # (sc_layer_weights *, sc_layer_cache *, x, B, scratch)
+    lib.sc_decode_layer.restype = ctypes.c_int
+    lib.sc_causal_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, f32,
+                                        p, i64, i64, p]
+    lib.sc_causal_attention.restype = ctypes.c_int
+    lib.sc_gemm_nt.argtypes = [p, i64, p, p, p, f32, p, i64, p, i64, i64, i64, i64]
+    lib.sc_gemm_nt.restype = ctypes.c_int
+    lib.sc_gemm_nt_swiglu.argtypes = [p, i64, p, p, p, f32, p, i64, i64, i64, i64]
+    lib.sc_gemm_nt_swiglu.restype = ctypes.c_int
 
 
 def _load() -> ctypes.CDLL | None:
@@ -141,18 +153,3 @@ def why_unavailable() -> str | None:
     library()
     return _state.get("why")  # type: ignore[return-value]
 
-
-def function(name: str, argtypes: list[type], restype: type | None = None) -> ctypes._CFuncPtr | None:
-    """The library's function `name` with its ctypes signature set (on the first call; later calls
-    return it as bound), or None where the library is unavailable: for kernels declared by the
-    module that wraps them rather than in `_declare`."""
-    bound: dict[str, ctypes._CFuncPtr] = _state.setdefault("functions", {})  # type: ignore[assignment]
-    if name in bound:
-        return bound[name]
-    lib = library()
-    if lib is None:
-        return None
-    fn = getattr(lib, name)
-    fn.argtypes, fn.restype = argtypes, restype
-    bound[name] = fn
-    return fn
