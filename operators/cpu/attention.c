@@ -24,7 +24,7 @@
 #include <omp.h>
 
 #ifdef __AVX512F__
-#include <immintrin.h>
+#include "simd.h"
 
 #define BK 64           /* keys per block */
 #define NV (BK / 16)    /* score vectors per row of a tile */
@@ -47,33 +47,6 @@ static inline __m512 exp2_512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931472028550421e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
-}
-
-/* In-place transpose of a 16 x 16 block held as 16 rows. */
-static inline void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) {  /* per 128-bit quarter: [a0 b0 a1 b1], [a2 b2 a3 b3] */
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {  /* r[4i + e], quarter q: column 4q + e of rows 4i .. 4i + 3 */
-        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-    }
-    for (int e = 0; e < 4; e++) {
-        t[e] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);
-        t[4 + e] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);
-        t[8 + e] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
-        t[12 + e] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
-    }
-    for (int e = 0; e < 4; e++) {
-        r[e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0x88);
-        r[8 + e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0xDD);
-        r[4 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0x88);
-        r[12 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0xDD);
-    }
 }
 
 /* Lanes 0..7: the maxima of a[0] .. a[7] (a transpose-and-max tree: 24 instructions where eight

@@ -32,16 +32,10 @@
 
 #define MR 12          /* rows of x per register tile */
 #define NR 32          /* packed columns per strip (2 vectors) */
-#ifndef KB_MAX
 #define KB_MAX 192     /* k per summation block (MKL's order on this machine, and its accuracy) */
-#endif
-#ifndef X_BYTES
 #define X_BYTES (384 * 1024)  /* a thread's group of packed x tiles (all of K), kept in L2 */
-#endif
 #define GROUP_MAX 32           /* tiles in a group at most */
-#ifndef PF_B
 #define PF_B 8         /* k steps ahead that the tile prefetches its strip */
-#endif
 
 /* Contiguous share [lo, hi) of n items for part `t` of `parts`. */
 static inline void split(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) {
@@ -52,34 +46,6 @@ static inline void split(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) 
 
 static inline __mmask16 tail_mask(int64_t n) {
     return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
-/* In place: r[i] lane j becomes r[j] lane i (16 x 16 floats, 64 shuffles). */
-static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {  /* r[4i + j], quarter q: rows 4i..4i+3 of column 4q + j */
-        __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-        __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-    }
-    for (int j = 0; j < 4; j++) {
-        __m512 u0 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-        __m512 u1 = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
-        __m512 u2 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-        __m512 u3 = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
-        t[j] = _mm512_shuffle_f32x4(u0, u2, 0x88);
-        t[8 + j] = _mm512_shuffle_f32x4(u0, u2, 0xdd);
-        t[4 + j] = _mm512_shuffle_f32x4(u1, u3, 0x88);
-        t[12 + j] = _mm512_shuffle_f32x4(u1, u3, 0xdd);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
 /* dst[k * 32 + i] = src_i[k] for k < K: one half (16 packed columns) of a strip; rows i >= rows
