@@ -1,11 +1,12 @@
 """Native CPU kernels (fp32, AVX-512) for the steps decode and prefill spend their time on.
 
-A small C library compiled on first use (`native`). Decode: `matmul_nt` (few-row `x @ W^T`),
-`paged_decode_attention` (one query per session over its paged K/V), `rope_append` (RoPE and the
-cache write of decoded tokens), `rms_norm` and `silu_mul`; `decode_layer_unchecked` runs them all
-for one Llama-family layer in one call (`layer_weights` describes the layer). Prefill:
-`causal_attention` (flash-style, a chunk of queries over the cache) and `gemm_nt` /
-`gemm_nt_swiglu` (products of many rows with the RMSNorm, SwiGLU and residual fused). Where the
+A small C library compiled on first use (`native`). Products: `gemm_nt` / `gemm_nt_swiglu` (with
+the RMSNorm, SwiGLU and residual fused) and `gemm_packed` over a model's weights packed once
+(`pack_weights`, `pack_swiglu`), at any number of rows; `matmul_nt` (few-row `x @ W^T` over plain
+weights). Attention: `paged_decode_attention` (one query per session over its paged K/V) and
+`causal_attention` (flash-style, a chunk of queries over the cache). Decode's small steps:
+`rope_append` (RoPE and the cache write of decoded tokens), `rms_norm` and `silu_mul`;
+`decode_layer_unchecked` runs one Llama-family layer in one call (`layer_weights` describes it). Where the
 library cannot be built, `available()` is False and callers keep their torch paths. The plain
 references with the same signatures are in `naive`.
 """
@@ -33,11 +34,27 @@ from streamctx.operators.cpu.kernels import (
     silu_mul_unchecked,
     why_unavailable,
 )
-from streamctx.operators.cpu.gemm import gemm_nt, gemm_nt_swiglu, gemm_nt_swiglu_unchecked, gemm_nt_unchecked
+from streamctx.operators.cpu.gemm import (
+    PackedWeight,
+    gemm_nt,
+    gemm_nt_swiglu,
+    gemm_nt_swiglu_unchecked,
+    gemm_nt_unchecked,
+    gemm_packed,
+    gemm_packed_unchecked,
+    huge_page_empty,
+    huge_page_floats,
+    pack_swiglu,
+    pack_weights,
+    packed_floats,
+    release_pages,
+)
 
 __all__ = ["LAYER_WEIGHT_NAMES", "LayerCache", "LayerWeights", "available", "causal_attention",
            "causal_attention_unchecked", "decode_layer_unchecked", "decode_scratch", "layer_weights", "enabled",
            "matmul_nt", "matmul_nt_unchecked", "native_kernels", "paged_decode_attention",
            "paged_decode_attention_unchecked", "rms_norm", "rms_norm_unchecked", "rope_append",
            "rope_append_unchecked", "silu_mul", "silu_mul_unchecked", "why_unavailable",
-           "gemm_nt", "gemm_nt_unchecked", "gemm_nt_swiglu", "gemm_nt_swiglu_unchecked"]
+           "gemm_nt", "gemm_nt_unchecked", "gemm_nt_swiglu", "gemm_nt_swiglu_unchecked", "PackedWeight",
+           "gemm_packed", "gemm_packed_unchecked", "pack_weights", "pack_swiglu", "packed_floats",
+           "huge_page_floats", "huge_page_empty", "release_pages"]

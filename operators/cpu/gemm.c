@@ -11,7 +11,10 @@
  * packed x (X_BYTES, L2) serves every strip. For the SwiGLU pair a strip holds 16 columns of wg
  * then the same 16 of wu, so one tile has both halves and its epilogue writes silu(g) * u: g and
  * u never reach memory. Threads split the rows, or the strips where that balances better
- * (`thread_grid`); the few rows of decode are `sc_matmul_nt`'s (kernels.c).
+ * (`thread_grid`). Weights used again and again (a model's) are packed once (`sc_pack_weights`)
+ * and read in place by `sc_gemm_packed`, for any number of rows: decode's few rows then split the
+ * strips between the threads, each one sequential stream of its strips; the decode layer
+ * (kernels.c) runs `sc_gemm_part` inside its own parallel region.
  *
  * Summation order of every output (bit-determinism): K is cut into ceil(K / KB_MAX) blocks of
  * equal length (the last shorter), each summed from zero in k order in one accumulator lane, the
@@ -35,7 +38,13 @@
 #define KB_MAX 192     /* k per summation block (MKL's order on this machine, and its accuracy) */
 #define X_BYTES (384 * 1024)  /* a thread's group of packed x tiles (all of K), kept in L2 */
 #define GROUP_MAX 32           /* tiles in a group at most */
+#ifndef PF_B
 #define PF_B 8         /* k steps ahead that the tile prefetches its strip */
+#endif
+#define DECODE_ROWS 64 /* at most this many rows: the threads split the strips, never the rows, */
+#ifndef DECODE_MR
+#define DECODE_MR 8    /* in tiles of 8 rows (16 rows of SmolLM2 from memory: 12 + 4 ~150 GFLOP/s, 8 + 8 ~170) */
+#endif
 
 /* Contiguous share [lo, hi) of n items for part `t` of `parts`. */
 static inline void split(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) {
@@ -183,6 +192,9 @@ static void tile8(int rows, int64_t K, int64_t kb, const float *ap, const float 
 static void tile4(int rows, int64_t K, int64_t kb, const float *ap, const float *bp, const tile_out *o) {
     tile(4, rows, K, kb, ap, bp, o);
 }
+static void tile1(int rows, int64_t K, int64_t kb, const float *ap, const float *bp, const tile_out *o) {
+    tile(1, rows, K, kb, ap, bp, o);
+}
 
 /* Per-thread buffers kept between calls: the calling thread's packed weights (slot 0; dropped
  * after a call that needed more than KEEP_BYTES, e.g. a vocabulary-sized lm_head) and each OpenMP
@@ -220,71 +232,83 @@ static void thread_grid(int nt, int64_t mtiles, int64_t nstrips, int *tm, int *t
     }
 }
 
-static int gemm(const float *x, int64_t ldx, const float *w0, const float *w1, const float *bias,
-                const float *norm_w, float eps, const float *res, int64_t ldr, float *y, int64_t ldy,
-                int64_t M, int64_t N, int64_t K) {
-    const int swiglu = w1 != NULL;
+/* One thread's share of y = epilogue(norm(x) . packed^T), inside a parallel region (every thread
+ * of the team calls it; no barrier inside or at the end). `wp`: the packed strips (`pack_strip`
+ * layout, 64-byte aligned). Returns 0, or -1 when this thread's buffer could not be allocated
+ * (its outputs are then not written). */
+int sc_gemm_part(const float *x, int64_t ldx, const float *wp, int swiglu, const float *bias, const float *norm_w,
+                 float eps, const float *res, int64_t ldr, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
     const int64_t sw = swiglu ? 16 : NR;                 /* output columns per strip */
-    const int64_t nstrips = (N + sw - 1) / sw, mtiles = (M + MR - 1) / MR;
+    const int mr = M <= DECODE_ROWS ? DECODE_MR : MR;   /* rows a tile takes */
+    const int64_t nstrips = (N + sw - 1) / sw, mtiles = (M + mr - 1) / mr;
     const int64_t nkb = (K + KB_MAX - 1) / KB_MAX, kb = (K + nkb - 1) / nkb;
     int64_t group = X_BYTES / (MR * K * (int64_t)sizeof(float));
     group = group < 2 ? 2 : group > GROUP_MAX ? GROUP_MAX : group;
-    float *wp = buffer(0, (size_t)(nstrips * K * NR));
-    if (!wp) return -1;
-    int failed = 0;
-#pragma omp parallel
-    {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        int tm = 1, tn = 1;
-        thread_grid(nt, mtiles, nstrips, &tm, &tn);
-        int64_t mlo, mhi, slo, shi, lo, hi;
-        split(mtiles, tm, t / tn, &mlo, &mhi);
-        split(nstrips, tn, t % tn, &slo, &shi);
-        int64_t mine = (mhi - mlo) < group ? (mhi - mlo) : group;
-        float *ap = buffer(1, (size_t)(mine * MR * K));
-        if (mine && !ap) {
-#pragma omp atomic write
-            failed = 1;
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int tm = 1, tn = nt;
+    if (M > DECODE_ROWS) thread_grid(nt, mtiles, nstrips, &tm, &tn);  /* decode: every thread its strips */
+    int64_t mlo, mhi, slo, shi;
+    split(mtiles, tm, t / tn, &mlo, &mhi);
+    split(nstrips, tn, t % tn, &slo, &shi);
+    if (slo == shi || mlo == mhi) return 0;
+    int64_t mine = (mhi - mlo) < group ? (mhi - mlo) : group;
+    float *ap = buffer(1, (size_t)(mine * MR * K));
+    if (!ap) return -1;
+    float scale[GROUP_MAX * MR];
+    for (int64_t mb = mlo; mb < mhi; mb += group) {
+        int64_t me = mb + group < mhi ? mb + group : mhi;
+        for (int64_t ti = mb; ti < me; ti++) {
+            int64_t m0 = ti * mr;
+            int rows = (int)(M - m0 < mr ? M - m0 : mr);
+            float *sc = scale + (ti - mb) * MR;
+            if (norm_w)
+                for (int i = 0; i < rows; i++) sc[i] = rms_scale(x + (m0 + i) * ldx, K, eps);
+            pack_x(x + m0 * ldx, ldx, rows, sc, norm_w, K, ap + (ti - mb) * MR * K);
         }
-        split(nstrips, nt, t, &lo, &hi);
-        for (int64_t s = lo; s < hi; s++) pack_strip(w0, w1, N, K, s, wp + s * K * NR);
-#pragma omp barrier
-        int stop;
-#pragma omp atomic read
-        stop = failed;
-        if (!stop) {
-            float scale[GROUP_MAX * MR];
-            for (int64_t mb = mlo; mb < mhi; mb += group) {
-                int64_t me = mb + group < mhi ? mb + group : mhi;
-                for (int64_t ti = mb; ti < me; ti++) {
-                    int64_t m0 = ti * MR;
-                    int rows = (int)(M - m0 < MR ? M - m0 : MR);
-                    float *sc = scale + (ti - mb) * MR;
-                    if (norm_w)
-                        for (int i = 0; i < rows; i++) sc[i] = rms_scale(x + (m0 + i) * ldx, K, eps);
-                    pack_x(x + m0 * ldx, ldx, rows, sc, norm_w, K, ap + (ti - mb) * MR * K);
-                }
-                for (int64_t s = slo; s < shi; s++) {
-                    int64_t n0 = s * sw, cols = N - n0 < sw ? N - n0 : sw;
-                    tile_out o = {.ldy = ldy, .ldr = ldr, .swiglu = swiglu,
-                                  .bias = bias ? bias + n0 : NULL,
-                                  .m0 = tail_mask(cols), .m1 = swiglu ? 0 : tail_mask(cols - 16)};
-                    const float *bs = wp + s * K * NR;
-                    for (int64_t ti = mb; ti < me; ti++) {
-                        int64_t m0 = ti * MR;
-                        int rows = (int)(M - m0 < MR ? M - m0 : MR);
-                        o.y = y + m0 * ldy + n0;
-                        o.res = res ? res + m0 * ldr + n0 : NULL;
-                        const float *a = ap + (ti - mb) * MR * K;
-                        if (rows > 8) tile12(rows, K, kb, a, bs, &o);
-                        else if (rows > 4) tile8(rows, K, kb, a, bs, &o);
-                        else tile4(rows, K, kb, a, bs, &o);
-                    }
-                }
+        for (int64_t s = slo; s < shi; s++) {
+            int64_t n0 = s * sw, cols = N - n0 < sw ? N - n0 : sw;
+            tile_out o = {.ldy = ldy, .ldr = ldr, .swiglu = swiglu,
+                          .bias = bias ? bias + n0 : NULL,
+                          .m0 = tail_mask(cols), .m1 = swiglu ? 0 : tail_mask(cols - 16)};
+            const float *bs = wp + s * K * NR;
+            for (int64_t ti = mb; ti < me; ti++) {
+                int64_t m0 = ti * mr;
+                int rows = (int)(M - m0 < mr ? M - m0 : mr);
+                o.y = y + m0 * ldy + n0;
+                o.res = res ? res + m0 * ldr + n0 : NULL;
+                const float *a = ap + (ti - mb) * MR * K;
+                if (rows > 8) tile12(rows, K, kb, a, bs, &o);
+                else if (rows > 4) tile8(rows, K, kb, a, bs, &o);
+                else if (rows > 1) tile4(rows, K, kb, a, bs, &o);
+                else tile1(rows, K, kb, a, bs, &o);
             }
         }
     }
-    if ((size_t)(nstrips * K * NR) * sizeof(float) > KEEP_BYTES) release(0);
+    return 0;
+}
+
+/* The product over weights `wp` packed already, or w0 (and w1) packed by all threads first. */
+static int gemm(const float *x, int64_t ldx, const float *wp, const float *w0, const float *w1, const float *bias,
+                const float *norm_w, float eps, const float *res, int64_t ldr, float *y, int64_t ldy,
+                int64_t M, int64_t N, int64_t K, int swiglu) {
+    const int64_t nstrips = (N + (swiglu ? 16 : NR) - 1) / (swiglu ? 16 : NR);
+    float *packed = (float *)wp;
+    if (!packed && !(packed = buffer(0, (size_t)(nstrips * K * NR)))) return -1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        if (!wp) {
+            int64_t lo, hi;
+            split(nstrips, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+            for (int64_t s = lo; s < hi; s++) pack_strip(w0, w1, N, K, s, packed + s * K * NR);
+#pragma omp barrier
+        }
+        if (sc_gemm_part(x, ldx, packed, swiglu, bias, norm_w, eps, res, ldr, y, ldy, M, N, K)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+    }
+    if (!wp && (size_t)(nstrips * K * NR) * sizeof(float) > KEEP_BYTES) release(0);
     return failed ? -1 : 0;
 }
 #endif
@@ -299,7 +323,7 @@ int sc_gemm_nt(const float *x, int64_t ldx, const float *w, const float *bias, c
                const float *residual, int64_t ldr, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
 #ifdef __AVX512F__
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    return gemm(x, ldx, w, NULL, bias, norm_w, eps, residual, ldr, y, ldy, M, N, K);
+    return gemm(x, ldx, NULL, w, NULL, bias, norm_w, eps, residual, ldr, y, ldy, M, N, K, 0);
 #else
     (void)x; (void)ldx; (void)w; (void)bias; (void)norm_w; (void)eps; (void)residual; (void)ldr; (void)y;
     (void)ldy; (void)M; (void)N; (void)K;
@@ -313,10 +337,42 @@ int sc_gemm_nt_swiglu(const float *x, int64_t ldx, const float *w_gate, const fl
                       float eps, float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
 #ifdef __AVX512F__
     if (M <= 0 || N <= 0 || K <= 0) return 0;
-    return gemm(x, ldx, w_gate, w_up, NULL, norm_w, eps, NULL, 0, y, ldy, M, N, K);
+    return gemm(x, ldx, NULL, w_gate, w_up, NULL, norm_w, eps, NULL, 0, y, ldy, M, N, K, 1);
 #else
     (void)x; (void)ldx; (void)w_gate; (void)w_up; (void)norm_w; (void)eps; (void)y; (void)ldy; (void)M; (void)N;
     (void)K;
+    return -2;
+#endif
+}
+
+/* Strips of w (N x K, contiguous) for sc_gemm_packed: ceil(N / 32) strips of [K][32] floats, or
+ * for the SwiGLU pair (w1 = w_up given) ceil(N / 16) strips, 16 columns of w0 then 16 of w1;
+ * columns past N are zeros. dst: that many floats, 64-byte aligned. */
+void sc_pack_weights(const float *w0, const float *w1, int64_t N, int64_t K, float *dst) {
+#ifdef __AVX512F__
+    const int64_t nstrips = (N + (w1 ? 16 : NR) - 1) / (w1 ? 16 : NR);
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        split(nstrips, omp_get_num_threads(), omp_get_thread_num(), &lo, &hi);
+        for (int64_t s = lo; s < hi; s++) pack_strip(w0, w1, N, K, s, dst + s * K * NR);
+    }
+#else
+    (void)w0; (void)w1; (void)N; (void)K; (void)dst;
+#endif
+}
+
+/* sc_gemm_nt (swiglu 0) or sc_gemm_nt_swiglu (swiglu 1; bias and residual NULL) over weights
+ * packed by sc_pack_weights: the same bits, without packing them on each call. */
+int sc_gemm_packed(const float *x, int64_t ldx, const float *packed, int swiglu, const float *bias,
+                   const float *norm_w, float eps, const float *residual, int64_t ldr, float *y, int64_t ldy,
+                   int64_t M, int64_t N, int64_t K) {
+#ifdef __AVX512F__
+    if (M <= 0 || N <= 0 || K <= 0) return 0;
+    return gemm(x, ldx, packed, NULL, NULL, bias, norm_w, eps, residual, ldr, y, ldy, M, N, K, swiglu);
+#else
+    (void)x; (void)ldx; (void)packed; (void)swiglu; (void)bias; (void)norm_w; (void)eps; (void)residual; (void)ldr;
+    (void)y; (void)ldy; (void)M; (void)N; (void)K;
     return -2;
 #endif
 }

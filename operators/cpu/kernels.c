@@ -8,7 +8,7 @@
  *   sc_paged_decode_attention   one query per session against its paged K/V blocks;
  *   sc_rms_norm, sc_silu_mul    the elementwise steps between them, in one pass each;
  *   sc_rope_append              RoPE of the decoded tokens' q and k and their K/V cache writes;
- *   sc_decode_layer             all of the above for one decoder layer, in one parallel region.
+ *   sc_decode_layer             one decoder layer, with gemm.c's packed products, in one parallel region.
  *
  * Each output is computed by one thread in an order that depends only on K (or on the session's
  * keys), never on M, on the batch, or on the thread count: a session's row of a batched product
@@ -21,6 +21,7 @@
 #include <string.h>
 #include <omp.h>
 
+#include "gemm.h"
 #include "simd.h"
 
 int sc_version(void) { return 1; }
@@ -563,11 +564,14 @@ int sc_paged_decode_attention(const float *q, const float *k, const float *v, in
 
 /* ---------------------------------------------------------------------------------------------
  * One decoder layer (Llama family) for B sessions decoding one token each, in one parallel
- * region: the same kernels, in the same order, as the layer's separate native calls, so the same
- * bits, without a return to Python between the steps.
+ * region: the products over the layer's packed weights (gemm.c, the RMSNorms folded into them,
+ * the SwiGLU pair in one pass, the residuals added in place), RoPE with the cache write, and the
+ * paged attention. The same kernels in the same order as the layer's separate native calls
+ * (`gemm_packed`, `rope_append`, `paged_decode_attention`), so the same bits, without a return to
+ * Python between the steps.
  */
 typedef struct {
-    const float *ln_attn, *w_qkv, *b_qkv, *w_o, *b_o, *ln_mlp, *w_gate, *b_gate, *w_up, *b_up, *w_down, *b_down;
+    const float *ln_attn, *w_qkv, *b_qkv, *w_o, *b_o, *ln_mlp, *w_gate_up, *w_down, *b_down;  /* w_*: packed */
     int64_t H, I, Hq, Hkv, D;  /* hidden, intermediate, query heads, KV heads, head dim */
     float eps, scale;          /* RMSNorm epsilon, attention scale */
 } sc_layer_weights;
@@ -585,7 +589,7 @@ typedef struct {
 
 /* Floats of scratch sc_decode_layer needs for B rows. */
 int64_t sc_decode_scratch_floats(const sc_layer_weights *w, int64_t B) {
-    return B * (w->H + (w->Hq + 2 * w->Hkv) * w->D + 2 * w->Hq * w->D + 3 * w->I);
+    return B * ((w->Hq + 2 * w->Hkv) * w->D + 2 * w->Hq * w->D + w->I);
 }
 
 /* x [B, H] (contiguous) is updated in place:
@@ -596,17 +600,14 @@ int sc_decode_layer(const sc_layer_weights *w, const sc_layer_cache *c, float *x
 #ifdef __AVX512F__
     const int64_t H = w->H, I = w->I, Hq = w->Hq, Hkv = w->Hkv, D = w->D, W = (Hq + 2 * Hkv) * D;
     if (D % 16 != 0 || D / 16 > MAX_DV || Hq % Hkv != 0 || Hq / Hkv > MAX_G) return -1;
-    float *h = scratch, *qkv = h + B * H, *q = qkv + B * W, *a = q + B * Hq * D, *gate = a + B * Hq * D,
-          *up = gate + B * I, *mid = up + B * I;
+    float *qkv = scratch, *q = qkv + B * W, *a = q + B * Hq * D, *mid = a + B * Hq * D;
     span_plan plan;
     if (plan_spans(c->lengths, B, Hq, D, &plan)) return -2;
+    int failed = 0;
 #pragma omp parallel
     {
         int64_t lo, hi;
-        share(B, &lo, &hi);
-        rms_rows(x, H, w->ln_attn, w->eps, h, lo, hi, H);
-#pragma omp barrier
-        matmul_part(h, H, w->w_qkv, w->b_qkv, NULL, 0, qkv, W, B, W, w->H);
+        int rc = sc_gemm_part(x, H, w->w_qkv, 0, w->b_qkv, w->ln_attn, w->eps, NULL, 0, qkv, W, B, W, H);
 #pragma omp barrier
         share(B, &lo, &hi);
         rope_rows(qkv, W, c->cos, c->sin, c->ldcs, c->slots, c->pos, c->rope_pos, c->k_pool, c->v_pool,
@@ -615,21 +616,18 @@ int sc_decode_layer(const sc_layer_weights *w, const sc_layer_cache *c, float *x
         attention_part(q, c->k_pool, c->v_pool, c->S, c->blocks, c->offsets, c->lengths, c->bs, B, Hq, Hkv, D,
                        w->scale, a, NULL, &plan);
 #pragma omp barrier
-        matmul_part(a, Hq * D, w->w_o, w->b_o, x, H, x, H, B, H, Hq * D);
+        rc |= sc_gemm_part(a, Hq * D, w->w_o, 0, w->b_o, NULL, 0.0f, x, H, x, H, B, H, Hq * D);
 #pragma omp barrier
-        share(B, &lo, &hi);
-        rms_rows(x, H, w->ln_mlp, w->eps, h, lo, hi, H);
+        rc |= sc_gemm_part(x, H, w->w_gate_up, 1, NULL, w->ln_mlp, w->eps, NULL, 0, mid, I, B, I, H);
 #pragma omp barrier
-        matmul_part(h, H, w->w_gate, w->b_gate, NULL, 0, gate, I, B, I, H);
-        matmul_part(h, H, w->w_up, w->b_up, NULL, 0, up, I, B, I, H);
-#pragma omp barrier
-        share((B * I + 15) / 16, &lo, &hi);
-        silu_mul_range(gate, up, mid, 16 * lo, 16 * hi < B * I ? 16 * hi : B * I);
-#pragma omp barrier
-        matmul_part(mid, I, w->w_down, w->b_down, x, H, x, H, B, H, I);
+        rc |= sc_gemm_part(mid, I, w->w_down, 0, w->b_down, NULL, 0.0f, x, H, x, H, B, H, I);
+        if (rc) {
+#pragma omp atomic write
+            failed = 1;
+        }
     }
     free_plan(&plan);
-    return 0;
+    return failed ? -2 : 0;
 #else
     (void)w; (void)c; (void)x; (void)B; (void)scratch;
     return -1;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -235,12 +235,13 @@ def paged_decode_attention_unchecked(q: torch.Tensor, k_pool: torch.Tensor, v_po
 
 # -- one decoder layer per call ---------------------------------------------------------------------
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-LAYER_WEIGHT_NAMES = ("ln_attn", "w_qkv", "b_qkv", "w_o", "b_o", "ln_mlp", "w_gate", "b_gate", "w_up", "b_up",
-                      "w_down", "b_down")
+LAYER_WEIGHT_NAMES = ("ln_attn", "w_qkv", "b_qkv", "w_o", "b_o", "ln_mlp", "w_gate_up", "w_down", "b_down")
+_PACKED = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
 class LayerWeights(ctypes.Structure):
-    """`sc_layer_weights`: pointers to one Llama-family layer's weights (kept alive in `tensors`)."""
+    """`sc_layer_weights`: pointers to one Llama-family layer's weights, the matrices packed (kept
+    alive in `tensors`)."""
 
     _fields_ = [(name, _P) for name in LAYER_WEIGHT_NAMES] + [(name, _I64) for name in ("H", "I", "Hq", "Hkv", "D")] \
         + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
@@ -254,33 +255,43 @@ class LayerCache(ctypes.Structure):
                 ("blocks", _P), ("offsets", _P), ("lengths", _P)]
 
 
-def layer_weights(tensors: dict[str, torch.Tensor | None], *, num_heads: int, num_kv_heads: int, head_dim: int,
+def layer_weights(tensors: dict[str, Any], *, num_heads: int, num_kv_heads: int, head_dim: int,
                   eps: float, scale: float) -> LayerWeights | None:
     """The `LayerWeights` of one layer for `decode_layer_unchecked`, or None where its weights do not fit the
-    kernel (not fp32 CPU contiguous, or heads it does not take): the caller keeps its other path.
+    kernel (not fp32 CPU, or heads it does not take): the caller keeps its other path.
 
-    `tensors`: the names of `LAYER_WEIGHT_NAMES` (biases may be None): ln_attn `[H]`, w_qkv
-    `[(Hq + 2 Hkv) D, H]` (q, k, v stacked), w_o `[H, Hq D]`, ln_mlp `[H]`, w_gate and w_up `[I, H]`,
-    w_down `[H, I]`, each bias the size of its product's output.
+    `tensors`: the names of `LAYER_WEIGHT_NAMES` (biases may be None): ln_attn and ln_mlp `[H]`
+    tensors; w_qkv (`[(Hq + 2 Hkv) D, H]`, q, k, v stacked), w_o (`[H, Hq D]`) and w_down (`[H, I]`)
+    packed by `pack_weights`, w_gate_up (`[I, H]` each) by `pack_swiglu`; each bias the size of its
+    product's output.
     """
-    w_gate = tensors["w_gate"]
-    if w_gate is None or head_dim % 16 or head_dim > MAX_HEAD_DIM or num_heads % num_kv_heads \
+    gate_up = tensors["w_gate_up"]
+    if gate_up is None or head_dim % 16 or head_dim > MAX_HEAD_DIM or num_heads % num_kv_heads \
             or num_heads // num_kv_heads > MAX_GROUP:
         return None
-    inter, hidden = w_gate.shape
+    inter, hidden = gate_up.n, gate_up.k
     qd, qkv = num_heads * head_dim, (num_heads + 2 * num_kv_heads) * head_dim
-    shapes = {"ln_attn": (hidden,), "w_qkv": (qkv, hidden), "b_qkv": (qkv,), "w_o": (hidden, qd), "b_o": (hidden,),
-              "ln_mlp": (hidden,), "w_gate": (inter, hidden), "b_gate": (inter,), "w_up": (inter, hidden),
-              "b_up": (inter,), "w_down": (hidden, inter), "b_down": (hidden,)}
-    for name, shape in shapes.items():
+    packed = {"w_qkv": (qkv, hidden, False), "w_o": (hidden, qd, False), "w_gate_up": (inter, hidden, True),
+              "w_down": (hidden, inter, False)}
+    vectors = {"ln_attn": hidden, "b_qkv": qkv, "b_o": hidden, "ln_mlp": hidden, "b_down": hidden}
+    for name, (n, k, swiglu) in packed.items():
+        t = tensors[name]
+        if t is None or (t.n, t.k, t.swiglu) != (n, k, swiglu):
+            return None
+    for name, n in vectors.items():
         t = tensors[name]
         if t is None and name.startswith("b_"):
             continue
-        if t is None or tuple(t.shape) != shape or t.dtype != torch.float32 or t.device.type != "cpu" \
+        if t is None or tuple(t.shape) != (n,) or t.dtype != torch.float32 or t.device.type != "cpu" \
                 or not t.is_contiguous() or t.requires_grad:
             return None
-    out = LayerWeights(*(0 if tensors[name] is None else tensors[name].data_ptr() for name in LAYER_WEIGHT_NAMES),
-                       hidden, inter, num_heads, num_kv_heads, head_dim, eps, scale)
+
+    def pointer(name: str) -> int:
+        t = tensors[name]
+        return 0 if t is None else t.strips.data_ptr() if name in _PACKED else t.data_ptr()
+
+    out = LayerWeights(*(pointer(name) for name in LAYER_WEIGHT_NAMES), hidden, inter, num_heads, num_kv_heads,
+                       head_dim, eps, scale)
     out.tensors = dict(tensors)  # type: ignore[attr-defined]  # the pointers' owners
     return out
 
@@ -296,13 +307,14 @@ def decode_layer_unchecked(weights: LayerWeights, cache: LayerCache, x: torch.Te
     """One decoder layer for B sessions decoding a token each, in place on `x [B, H]` (contiguous
     fp32): RMSNorm, QKV, RoPE and the K/V write at `cache.slots`, paged decode attention, o_proj and
     the residual, RMSNorm, SwiGLU MLP and the residual, in one native call. The same kernels in the
-    same order as the separate calls (`matmul_nt`, `rope_append`, `paged_decode_attention`,
-    `rms_norm`, `silu_mul`), so the same bits; for callers that built valid inputs (the model)."""
+    same order as the separate calls (`gemm_packed` with the norms folded and the residuals in
+    place, `rope_append`, `paged_decode_attention`), so the same bits; for callers that built valid
+    inputs (the model)."""
     lib = native.library()
     assert lib is not None
     rc = lib.sc_decode_layer(ctypes.addressof(weights), ctypes.addressof(cache), x.data_ptr(), x.shape[0],
                              scratch.data_ptr())
     if rc == -2:
-        raise MemoryError("sc_decode_layer: out of memory for the attention's span buffers")
+        raise MemoryError("sc_decode_layer: out of memory for its span or packing buffers")
     if rc != 0:
         raise ValueError("sc_decode_layer refused the layer's shapes")

@@ -110,6 +110,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sc_gemm_nt.restype = ctypes.c_int
     lib.sc_gemm_nt_swiglu.argtypes = [p, i64, p, p, p, f32, p, i64, i64, i64, i64]
     lib.sc_gemm_nt_swiglu.restype = ctypes.c_int
+    lib.sc_pack_weights.argtypes = [p, p, i64, i64, p]
+    lib.sc_pack_weights.restype = None
+    lib.sc_gemm_packed.argtypes = [p, i64, p, ctypes.c_int, p, p, f32, p, i64, p, i64, i64, i64, i64]
+    lib.sc_gemm_packed.restype = ctypes.c_int
 
 
 def _load() -> ctypes.CDLL | None:

@@ -52,8 +52,10 @@ def reserve_slots(caches: Sequence[SessionKV], layer: int, rope_positions: Seque
     bs = caches[0].pool.block_size
     slots = []
     for cache, rope in zip(caches, rope_positions):
-        reserve_run(cache, layer, 1)
         t = cache.layers[layer]
+        if not (t.contiguous and t.length < len(t.blocks) * bs):  # the common case inline: room in the run
+            reserve_run(cache, layer, 1)
+            t = cache.layers[layer]
         slots.append(t.blocks[0] * bs + t.length)
         t.length += 1
         t.next_rope = rope + 1

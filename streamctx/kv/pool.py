@@ -19,6 +19,9 @@ import heapq
 
 import torch
 
+from streamctx.operators.cpu.gemm import huge_page_empty
+
+HUGE_PAGE_MIN_BYTES = 2 << 20  # a layer's K or V storage at least this large sits on huge pages (CPU)
 
 class BlockPool:
     """Per-layer K/V/position block storage with a free list per layer (lowest id first)."""
@@ -39,11 +42,19 @@ class BlockPool:
         self.v = [self._empty_kv(n) for _ in range(num_layers)]
         self.pos = [torch.zeros(n, block_size, dtype=torch.int64, device=self.device) for _ in range(num_layers)]
         self.rope_pos = [torch.zeros(n, block_size, dtype=torch.int64, device=self.device) for _ in range(num_layers)]
-        self._free: list[list[int]] = [list(range(n)) for _ in range(num_layers)]
+        # Free ids per layer: the set is the truth; the heap gives the lowest and may hold ids taken
+        # since (skipped when popped), so taking a run costs its length, not the pool's size.
+        self._free: list[set[int]] = [set(range(n)) for _ in range(num_layers)]
+        self._free_heap: list[list[int]] = [list(range(n)) for _ in range(num_layers)]
         self._used = [0] * num_layers
 
     def _empty_kv(self, n: int) -> torch.Tensor:
-        return torch.empty(self.num_kv_heads, n, self.block_size, self.head_dim, dtype=self.dtype, device=self.device)
+        """K or V storage of one layer for n blocks `[Hkv, n, block_size, D]`; on the CPU, large ones
+        on huge pages (decode attention streams them: fewer TLB misses)."""
+        shape = (self.num_kv_heads, n, self.block_size, self.head_dim)
+        if self.device.type == "cpu":
+            return huge_page_empty(shape, self.dtype, min_bytes=HUGE_PAGE_MIN_BYTES)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
 
     # -- capacity ---------------------------------------------------------------------------------
     def num_blocks(self, layer: int) -> int:
@@ -70,32 +81,39 @@ class BlockPool:
         old = self.num_blocks(layer)
         new = max(min_blocks, 2 * old)
         for store in (self.k, self.v):
-            t = torch.empty(self.num_kv_heads, new, self.block_size, self.head_dim, dtype=self.dtype, device=self.device)
+            t = self._empty_kv(new)
             t[:, :old].copy_(store[layer])
             store[layer] = t
         for table in (self.pos, self.rope_pos):
             t = torch.zeros(new, self.block_size, dtype=torch.int64, device=self.device)
             t[:old].copy_(table[layer])
             table[layer] = t
-        free = self._free[layer]
+        self._free[layer].update(range(old, new))
+        heap = self._free_heap[layer]
         for b in range(old, new):
-            heapq.heappush(free, b)
+            heapq.heappush(heap, b)
 
     # -- allocation -------------------------------------------------------------------------------
     def allocate(self, layer: int, n: int = 1) -> list[int]:
         """n free block ids of `layer`, lowest first (consecutive when the pool is unfragmented)."""
-        free = self._free[layer]
+        free, heap = self._free[layer], self._free_heap[layer]
         if len(free) < n:
             self._grow(layer, self.num_blocks(layer) + n - len(free))
         self._used[layer] += n
-        return [heapq.heappop(free) for _ in range(n)]
+        out = []
+        while len(out) < n:
+            b = heapq.heappop(heap)
+            if b in free:  # else taken as part of a run since it was pushed
+                free.discard(b)
+                out.append(b)
+        return out
 
     def allocate_run(self, layer: int, n: int, *, after: int | None = None) -> list[int]:
         """n consecutive free block ids of `layer`: right after block `after` when those are free
         (extending a run in place), else the lowest free run, else a run at the end of a grown pool."""
         if n < 1:
             return []
-        free = set(self._free[layer])
+        free = self._free[layer]
         if after is not None and all(after + 1 + i in free for i in range(n)) and after + n < self.num_blocks(layer):
             return self._take(layer, range(after + 1, after + 1 + n))
         start = prev = -2
@@ -113,16 +131,17 @@ class BlockPool:
         return self._take(layer, range(total - tail, total - tail + n))
 
     def _take(self, layer: int, ids: range) -> list[int]:
-        taken = set(ids)
-        self._free[layer] = [b for b in self._free[layer] if b not in taken]
-        heapq.heapify(self._free[layer])
-        self._used[layer] += len(taken)
+        self._free[layer].difference_update(ids)  # their heap entries go stale
+        self._used[layer] += len(ids)
+        if len(self._free_heap[layer]) > 4 * len(self._free[layer]) + 64:  # mostly stale: rebuild
+            self._free_heap[layer] = sorted(self._free[layer])
         return list(ids)
 
     def release(self, layer: int, blocks: list[int]) -> None:
-        free = self._free[layer]
+        free, heap = self._free[layer], self._free_heap[layer]
         for b in blocks:
-            heapq.heappush(free, b)
+            free.add(b)
+            heapq.heappush(heap, b)
         self._used[layer] -= len(blocks)
 
     # -- views ------------------------------------------------------------------------------------

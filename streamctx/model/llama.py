@@ -80,6 +80,16 @@ class _Layer:
     b_down: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class _PackedLayer:
+    """One layer's matrices packed for the native products (`native.gemm_packed`)."""
+
+    qkv: native.PackedWeight
+    o: native.PackedWeight
+    gate_up: native.PackedWeight  # the SwiGLU pair
+    down: native.PackedWeight
+
+
 class LlamaModel:
     """A Llama-family decoder whose sessions hold a `SessionKV` in the model's `BlockPool`.
 
@@ -107,7 +117,10 @@ class LlamaModel:
         self.rope = Rope(c.head_dim, c.rope_theta, c.rope_scaling, dtype=dtype, device=self.device)
         self.pool = BlockPool(c.num_layers, c.num_kv_heads, c.head_dim, block_size=block_size,
                               dtype=dtype, device=self.device)
-        self._layer_weights: list[native.LayerWeights | None] | None = None  # built on the first fused decode step
+        # Built on first use, for the layers this model holds (a pipeline stage drops the others):
+        self._packed: list[_PackedLayer | None] | None = None  # the layers' matrices, packed
+        self._packed_head: native.PackedWeight | None = None
+        self._layer_weights: list[native.LayerWeights | None] | None = None  # for the fused decode step
 
     def _layer(self, w: Weights, i: int) -> _Layer:
         c, p = self.config, f"model.layers.{i}."
@@ -226,12 +239,12 @@ class LlamaModel:
                 cache.n_fed += 1
             return x
         rope_prev: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        fused_dense = self._fused_dense_fits(x, layers)
-        if fused_dense:
+        packed = self._packed_layers(layers)
+        if packed is not None:
             x = x.contiguous().clone()  # the residual sums are written in place
         for li, layer in enumerate(self.layers[layers.start:layers.stop]):
-            if fused_dense:  # RMSNorm folded into the QKV product
-                qkv = native.gemm_nt_unchecked(x, layer.w_qkv, layer.b_qkv, layer.ln_attn, c.rms_norm_eps)
+            if packed is not None:  # RMSNorm folded into the QKV product
+                qkv = native.gemm_packed_unchecked(x, packed[li].qkv, layer.b_qkv, layer.ln_attn, c.rms_norm_eps)
             else:
                 qkv = linear(rms_norm(x, layer.ln_attn, c.rms_norm_eps), layer.w_qkv, layer.b_qkv)
             qkv = qkv.view(-1, hqk + c.num_kv_heads, d)  # [N, Hq + 2 Hkv, D]
@@ -304,10 +317,10 @@ class LlamaModel:
                 off += n
             if a is None:
                 a = outs[0] if len(outs) == 1 else torch.cat(outs)
-            if fused_dense:  # residuals added in place by the products, the SwiGLU pair in one pass
-                native.gemm_nt_unchecked(a, layer.w_o, layer.b_o, residual=x, out=x)
-                mid = native.gemm_nt_swiglu_unchecked(x, layer.w_gate, layer.w_up, layer.ln_mlp, c.rms_norm_eps)
-                native.gemm_nt_unchecked(mid, layer.w_down, layer.b_down, residual=x, out=x)
+            if packed is not None:  # residuals added in place by the products, the SwiGLU pair in one pass
+                native.gemm_packed_unchecked(a, packed[li].o, layer.b_o, residual=x, out=x)
+                mid = native.gemm_packed_unchecked(x, packed[li].gate_up, norm_weight=layer.ln_mlp, eps=c.rms_norm_eps)
+                native.gemm_packed_unchecked(mid, packed[li].down, layer.b_down, residual=x, out=x)
                 continue
             x = x + linear(a, layer.w_o, layer.b_o)
             h = rms_norm(x, layer.ln_mlp, c.rms_norm_eps)
@@ -317,67 +330,118 @@ class LlamaModel:
             cache.n_fed += n
         return x
 
-    def _fused_dense_fits(self, x: torch.Tensor, layers: range) -> bool:
-        """Whether the dense steps of `x [N, H]` (more rows than decode's) through `layers` run
-        through the native GEMM with the norms, SwiGLU and residuals fused (`native.gemm_nt`): fp32
-        CPU, kernels on, no MLP biases (the fused SwiGLU has none; no Llama-family checkpoint here
-        uses them)."""
-        if not (x.dim() == 2 and x.shape[0] > NATIVE_MAX_ROWS and x.dtype == torch.float32
-                and x.device.type == "cpu" and self.dtype == torch.float32
-                and choose_path(NATIVE_MAX_ROWS, 1, 1)[0] == "native" and not torch.is_grad_enabled()):
-            return False
-        return all(layer.b_gate is None and layer.b_up is None
-                   and all(w.is_contiguous() for w in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up, layer.w_down))
-                   for layer in self.layers[layers.start:layers.stop])
+    def _packs(self) -> bool:
+        """Whether this model's products run over packed weights (`native.gemm_packed`): fp32 CPU,
+        native kernels on (and `linear`'s fast paths), no MLP biases (the fused SwiGLU has none; no
+        Llama-family checkpoint here uses them), nothing autograd must see."""
+        return (self.dtype == torch.float32 and self.device.type == "cpu" and not torch.is_grad_enabled()
+                and choose_path(1, 1, 1)[0] == "native"
+                and all(layer is None or (layer.b_gate is None and layer.b_up is None) for layer in self.layers))
+
+    def _packed_layers(self, layers: range) -> list[_PackedLayer] | None:
+        """The packed matrices of `layers` (packed on first use, into one buffer on huge pages), or
+        None where the products take the torch path."""
+        if not self._packs():
+            return None
+        if self._packed is None:
+            self._packed = self._pack_layers()
+        out = self._packed[layers.start:layers.stop]
+        return None if any(p is None for p in out) else out  # type: ignore[return-value]
+
+    def _pack_layers(self) -> list[_PackedLayer | None]:
+        """Pack every held layer's matrices once: the layout every product reads (decode's few rows
+        and prefill's many, the same bits at any row count). The plain weights stay for the torch
+        paths; their pages are handed back to the kernel (`release_pages`: a mapped checkpoint's
+        are read again from the file if a torch path needs them), so the packed copy does not
+        double the resident weights."""
+        held = [layer for layer in self.layers if layer is not None]
+        sizes = [(native.packed_floats(*layer.w_qkv.shape), native.packed_floats(*layer.w_o.shape),
+                  native.packed_floats(*layer.w_gate.shape, swiglu=True), native.packed_floats(*layer.w_down.shape))
+                 for layer in held]
+        buffer = native.huge_page_floats(sum(sum(s) for s in sizes))
+        out: list[_PackedLayer | None] = []
+        at = 0
+
+        def take(n: int) -> torch.Tensor:
+            nonlocal at
+            at += n
+            return buffer[at - n:at]
+
+        for layer in self.layers:
+            if layer is None:
+                out.append(None)
+                continue
+            out.append(_PackedLayer(
+                qkv=native.pack_weights(layer.w_qkv, out=take(native.packed_floats(*layer.w_qkv.shape))),
+                o=native.pack_weights(layer.w_o, out=take(native.packed_floats(*layer.w_o.shape))),
+                gate_up=native.pack_swiglu(layer.w_gate, layer.w_up,
+                                           out=take(native.packed_floats(*layer.w_gate.shape, swiglu=True))),
+                down=native.pack_weights(layer.w_down, out=take(native.packed_floats(*layer.w_down.shape)))))
+            for t in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up, layer.w_down):
+                native.release_pages(t)
+        return out
 
     def _fused_decode_fits(self, rows: int, layers: range) -> bool:
         """Whether a decode step of `rows` sessions through `layers` runs each layer as one native
         call (`native.decode_layer_unchecked`): exactly where the separate calls would all be native."""
-        if not self.fused_decode or choose_path(rows, self.config.intermediate_size, 1)[0] != "native" \
-                or rows > NATIVE_MAX_ROWS:
+        if not self.fused_decode or rows > NATIVE_MAX_ROWS or not native.enabled() \
+                or self._packed_layers(layers) is None:
             return False
         if self._layer_weights is None:  # None for a layer this model does not hold (a pipeline stage's)
             c = self.config
+            assert self._packed is not None
             self._layer_weights = [
-                None if layer is None else native.layer_weights(
-                    {name: getattr(layer, name) for name in native.LAYER_WEIGHT_NAMES}, num_heads=c.num_heads,
-                    num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, eps=c.rms_norm_eps, scale=self.scale)
-                for layer in self.layers]
+                None if layer is None or packed is None else native.layer_weights(
+                    {"ln_attn": layer.ln_attn, "w_qkv": packed.qkv, "b_qkv": layer.b_qkv, "w_o": packed.o,
+                     "b_o": layer.b_o, "ln_mlp": layer.ln_mlp, "w_gate_up": packed.gate_up, "w_down": packed.down,
+                     "b_down": layer.b_down},
+                    num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, eps=c.rms_norm_eps,
+                    scale=self.scale)
+                for layer, packed in zip(self.layers, self._packed)]
         return all(w is not None for w in self._layer_weights[layers.start:layers.stop])
 
     def _fused_decode_layers(self, caches: Sequence[SessionKV], x: torch.Tensor, layers: range,
                              positions: torch.Tensor) -> torch.Tensor:
         """`forward_layers` for a step where every session decodes one token with the native kernels:
-        one native call a layer. x `[B, H]`; positions `[B]` the new tokens' absolute positions."""
+        one native call a layer. x `[B, H]`; positions `[B]` the new tokens' absolute positions.
+
+        The layers of a step usually share their RoPE positions and block layout, so the tensors
+        the kernel reads (and the pointers to them) are rebuilt only where a layer differs."""
         x = x.contiguous().clone()  # updated in place by the kernel; the caller's tensor stays as it was
-        rope_prev: tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        prev: tuple | None = None  # the last layer's slots and tables, as lists and as tensors
         weights_of = self._layer_weights[layers.start:layers.stop]
         scratch = native.decode_scratch(weights_of[0], len(caches))
-        cache_args = native.LayerCache()
+        args = native.LayerCache()
+        args.pos = positions.data_ptr()
+        keep: dict[str, torch.Tensor] = {}  # the tensors args points into
+        rope_prev: list[int] | None = None
+        layout_prev: list[tuple[int, int, int]] | None = None
+        pool_prev: tuple[int, int] | None = None
         for li, weights in enumerate(weights_of):
             rope_at = [cc.layers[li].next_rope for cc in caches]
-            if rope_prev is None or rope_prev[0] != rope_at:  # layers usually share positions
-                rope_t = torch.tensor(rope_at, dtype=torch.int64)
-                cos, sin = self.rope.cos_sin(rope_t)  # [B, D]
-                rope_prev = (rope_at, rope_t, cos.contiguous(), sin.contiguous())
-            _, rope_t, cos, sin = rope_prev
-            slot_list = reserve_slots(caches, li, rope_at)
+            if rope_at != rope_prev:
+                rope_prev = rope_at
+                keep["rope_pos"] = torch.tensor(rope_at, dtype=torch.int64)
+                cos, sin = self.rope.cos_sin(keep["rope_pos"])  # [B, D]
+                keep["cos"], keep["sin"] = cos.contiguous(), sin.contiguous()
+                for name in ("rope_pos", "cos", "sin"):
+                    setattr(args, name, keep[name].data_ptr())
+                args.ldcs = cos.shape[1] if cos.shape[0] > 1 else 0
+            slot_list = reserve_slots(caches, li, rope_at)  # each table now one run of blocks
+            layout = [(t.blocks[0], len(t.blocks), t.length) for t in (cc.layers[li] for cc in caches)]
+            if layout != layout_prev:
+                layout_prev = layout
+                keep["slots"] = torch.tensor(slot_list, dtype=torch.int64)
+                keep["blocks"], keep["offsets"], keep["lengths"] = _block_tables(caches, li)
+                for name in ("slots", "blocks", "offsets", "lengths"):
+                    setattr(args, name, keep[name].data_ptr())
             pool = caches[0].pool  # after any growth in reserve_slots
-            tables = [(cc.layers[li].blocks, cc.layers[li].length) for cc in caches]
-            if prev is None or prev[0] != slot_list or prev[1] != tables:  # layers usually share their layout
-                prev = (slot_list, [(list(b), n) for b, n in tables],
-                        torch.tensor(slot_list, dtype=torch.int64), *_block_tables(caches, li))
-            _, _, slots, blocks, offsets, lengths = prev
-            k_pool, v_pool = pool.flat_k(li), pool.flat_v(li)
-            for name, t in (("k_pool", k_pool), ("v_pool", v_pool), ("pos_pool", pool.pos[li]),
-                            ("rope_pool", pool.rope_pos[li]), ("slots", slots), ("pos", positions),
-                            ("rope_pos", rope_t), ("cos", cos), ("sin", sin), ("blocks", blocks),
-                            ("offsets", offsets), ("lengths", lengths)):
-                setattr(cache_args, name, t.data_ptr())
-            cache_args.S, cache_args.bs = k_pool.shape[1], pool.block_size
-            cache_args.ldcs = cos.shape[1] if cos.shape[0] > 1 else 0
-            native.decode_layer_unchecked(weights, cache_args, x, scratch)
+            k_pool = pool.k[li]
+            if pool_prev != (k_pool.data_ptr(), k_pool.shape[1]):
+                pool_prev = (k_pool.data_ptr(), k_pool.shape[1])
+                args.S, args.bs = k_pool.shape[1] * pool.block_size, pool.block_size
+            args.k_pool, args.v_pool = k_pool.data_ptr(), pool.v[li].data_ptr()
+            args.pos_pool, args.rope_pool = pool.pos[li].data_ptr(), pool.rope_pos[li].data_ptr()
+            native.decode_layer_unchecked(weights, args, x, scratch)
         return x
 
     def _group_attention(self, caches: Sequence[SessionKV], li: int, q: torch.Tensor, key_mass: bool) -> torch.Tensor:
@@ -414,7 +478,12 @@ class LlamaModel:
             rows.append(x[off:off + n] if flag else x[off + n - 1:off + n])
             off += n
         sel = rows[0] if len(rows) == 1 else torch.cat(rows)
-        logits = linear(rms_norm(sel, self.norm, c.rms_norm_eps), self.lm_head)  # [R, V]
+        if self._packs():  # the final norm folded into the product
+            if self._packed_head is None:
+                self._packed_head = _pack_releasing(self.lm_head)  # a tied embedding's lookups touch a few rows again
+            logits = native.gemm_packed_unchecked(sel, self._packed_head, norm_weight=self.norm, eps=c.rms_norm_eps)
+        else:
+            logits = linear(rms_norm(sel, self.norm, c.rms_norm_eps), self.lm_head)  # [R, V]
         out, off = [], 0
         for r, flag in zip(rows, flags):
             m = r.shape[0]
@@ -456,6 +525,18 @@ class LlamaModel:
         state.n_fed = int(blob.meta["n_fed"])
         state.n_new = [int(n) for n in blob.meta["n_new"]]
         return state
+
+
+def _pack_releasing(weight: torch.Tensor, rows_per_chunk: int = 4096) -> native.PackedWeight:
+    """`native.pack_weights(weight)` a chunk of rows at a time, handing each chunk's plain pages
+    back as it goes (`native.release_pages`): a vocabulary-sized lm_head is never resident twice."""
+    n, k = weight.shape
+    strips = native.huge_page_floats(native.packed_floats(n, k))
+    for r0 in range(0, n, rows_per_chunk):  # a multiple of 32 rows: chunk r0 starts at strip r0 / 32
+        part = weight[r0:r0 + rows_per_chunk]
+        native.pack_weights(part, out=strips[r0 * k:r0 * k + native.packed_floats(part.shape[0], k)])
+        native.release_pages(part)
+    return native.PackedWeight(strips.view(-1, k, 32), n, k, False)
 
 
 # Devices where the decode group's attention runs as one padded call: on a GPU each per-session call

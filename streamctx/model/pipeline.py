@@ -89,7 +89,7 @@ class Hidden:
 def _keep_layers(model: LlamaModel, layers: range) -> None:
     """Drop the weights of layers outside `layers` (the stage owns `model`; indices stay global)."""
     model.layers = [layer if i in layers else None for i, layer in enumerate(model.layers)]  # type: ignore[misc]
-    model._layer_weights = None  # the native decode layers' pointers are rebuilt for the kept layers
+    model._packed = model._layer_weights = None  # packed weights and pointers: rebuilt for the kept layers
 
 
 def _layer_nbytes(model: LlamaModel, layers: range) -> int:

@@ -104,14 +104,14 @@ def test_batched_decode_equals_one_at_a_time_bit_for_bit(folder: Path, prompts: 
 
 def test_native_prefill_equals_torch_paths(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill chunks attend through `causal_attention` (over the cache they were appended to), and
-    chunks of more than 64 tokens run their dense steps through the fused GEMM (`gemm_nt`): every
+    run their dense steps through the fused GEMM over the packed weights (`gemm_packed`): every
     position's logits as torch's paths give them, in chunks of 16 and whole."""
     attention_rows: list[int] = []
     gemm_rows: list[int] = []
-    real_attention, real_gemm = cpu.causal_attention_unchecked, cpu.gemm_nt_unchecked
+    real_attention, real_gemm = cpu.causal_attention_unchecked, cpu.gemm_packed_unchecked
     monkeypatch.setattr(cpu, "causal_attention_unchecked",
                         lambda q, *a: attention_rows.append(q.shape[1]) or real_attention(q, *a))
-    monkeypatch.setattr(cpu, "gemm_nt_unchecked", lambda x, *a, **kw: gemm_rows.append(x.shape[0])
+    monkeypatch.setattr(cpu, "gemm_packed_unchecked", lambda x, *a, **kw: gemm_rows.append(x.shape[0])
                         or real_gemm(x, *a, **kw))
     ids = torch.randint(3, VOCAB, (150,), generator=torch.Generator().manual_seed(2)).tolist()
 
@@ -124,7 +124,7 @@ def test_native_prefill_equals_torch_paths(folder: Path, monkeypatch: pytest.Mon
     assert not attention_rows and not gemm_rows
     got = logits(16)
     assert_close(got, want, scale=10.0, msg="chunks of 16")
-    assert sorted(set(attention_rows)) == [6, 16] and not gemm_rows  # decode-sized chunks: matmul_nt
+    assert sorted(set(attention_rows)) == [6, 16] and sorted(set(gemm_rows)) == [6, 16]
     got = logits(256)
     assert_close(got, want, scale=10.0, msg="whole")
-    assert sorted(set(attention_rows)) == [6, 16, 150] and set(gemm_rows) == {150}
+    assert sorted(set(attention_rows)) == [6, 16, 150] and sorted(set(gemm_rows)) == [6, 16, 150]
