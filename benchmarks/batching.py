@@ -189,11 +189,13 @@ def membw() -> dict[str, Any]:
 def gemm() -> dict[str, Any]:
     """The machine's fp32 matmul rate on SmolLM2's layer shapes at 64 rows (decode of 64 sessions):
     with the bandwidth bound it gives the roofline, since big batches are compute-bound on 2 cores.
-    The faster of `F.linear` and the model's `linear` (the native kernel where built) is the rate."""
+    The fastest of `F.linear`, `linear` (the native kernel over plain weights) and the model's own
+    products (`gemm_packed` over weights packed once, the SwiGLU pair in one pass) is the rate."""
     import torch
     import torch.nn.functional as F
 
     from streamctx.model.linear import linear
+    from streamctx.operators import cpu
 
     harness.set_threads(THREADS)
     h, inter, qkv = 576, 1536, 960  # hidden, MLP, fused q/k/v rows
@@ -208,9 +210,18 @@ def gemm() -> dict[str, Any]:
     flops = sum(2 * 64 * w.numel() for w in ws)
     rates = {name: flops / harness.time_fn(lambda: run(fn), warmup=1, repeats=5) / 1e9
              for name, fn in (("F.linear", F.linear), ("linear", linear))}
+    if cpu.available():
+        packed = [cpu.pack_weights(ws[i]) if i % 5 in (0, 1, 4) else cpu.pack_swiglu(ws[i], ws[i + 1])
+                  for i in range(len(ws)) if i % 5 != 3]
+
+        def run_packed() -> None:
+            for p in packed:
+                cpu.gemm_packed_unchecked(xi if p.k == inter else x, p)
+
+        rates["gemm_packed"] = flops / harness.time_fn(run_packed, warmup=1, repeats=5) / 1e9
     best = max(rates, key=rates.__getitem__)
     return {"impl": best, "gemm_gflops": rates[best], "f_linear_gflops": rates["F.linear"],
-            "split_linear_gflops": rates["linear"], "load_1m": _load()}
+            "split_linear_gflops": rates["linear"], "packed_gflops": rates.get("gemm_packed"), "load_1m": _load()}
 
 
 CELLS = [

@@ -42,7 +42,6 @@ from streamctx.operators.cpu.gemm import (
     gemm_nt_unchecked,
     gemm_packed,
     gemm_packed_unchecked,
-    huge_page_empty,
     huge_page_floats,
     pack_swiglu,
     pack_weights,
@@ -57,4 +56,4 @@ __all__ = ["LAYER_WEIGHT_NAMES", "LayerCache", "LayerWeights", "available", "cau
            "rope_append_unchecked", "silu_mul", "silu_mul_unchecked", "why_unavailable",
            "gemm_nt", "gemm_nt_unchecked", "gemm_nt_swiglu", "gemm_nt_swiglu_unchecked", "PackedWeight",
            "gemm_packed", "gemm_packed_unchecked", "pack_weights", "pack_swiglu", "packed_floats",
-           "huge_page_floats", "huge_page_empty", "release_pages"]
+           "huge_page_floats", "release_pages"]

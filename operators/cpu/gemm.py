@@ -206,7 +206,7 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, 
                     min_bytes: int = 4 * _HUGE_PAGE) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor whose 2 MB-aligned interior is advised onto
     transparent huge pages before its first touch (64-byte aligned; below `min_bytes`, a plain
-    allocation). For the large buffers the kernels stream: packed weights, the KV pool."""
+    allocation). For the large buffers the kernels stream again and again: packed weights."""
     numel = 1
     for d in shape:
         numel *= d

@@ -73,7 +73,7 @@ def matmul_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 def matmul_nt_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`matmul_nt` for callers that checked dtypes, devices and shapes (weight and bias contiguous):
-    decode calls it ~150 times a token, where the checks cost a few percent."""
+    `linear` calls it for every few-row product, where the checks cost a few percent."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape

@@ -7,10 +7,9 @@ they are concatenated into one `[(Hq + 2 Hkv) D, H]` matrix at load, so a layer 
 matmul and rotates q and k in one RoPE call (q and k are adjacent columns of its output). On a
 shared CPU every parallel region is a barrier that a descheduled thread stalls, so fewer,
 larger calls matter most for decode. The copy costs its own size (SmolLM2: 66 MB) on top of the
-mapped pages; fusing gate/up too would add another 212 MB (about +25% peak RSS), so it is not done.
-The lm_head runs only on the rows whose logits are asked for (the last position of each session
-unless told otherwise). Every projection goes through `streamctx.model.linear.linear`, which
-runs the few-row products of decode in the shapes the CPU BLAS streams fastest.
+mapped pages. The lm_head runs only on the rows whose logits are asked for (the last position of
+each session unless told otherwise). On the CPU in fp32 the products run over packed copies of
+the weights (below); elsewhere every projection goes through `streamctx.model.linear.linear`.
 
 The forward is batch-first: `forward([(cache, ids), ...])` packs every session's new tokens into
 one `[N, H]` activation for the dense layers and runs attention per session over its own
@@ -26,7 +25,7 @@ takes the same kernel, so batched and one-at-a-time decode give the same bits (1
 512 tokens: ~15 ms a step for 30 layers, against 41 ms in per-session calls). When the whole step
 is the decode group (at most 64 sessions), each layer is one native call
 (`decode_layer_unchecked`: norms, products, RoPE and cache write, attention, MLP, residuals in one
-parallel region): the same kernels in the same order, so the same bits, without ~8 returns to
+parallel region): the same kernels in the same order, so the same bits, without ~6 returns to
 Python a layer (SmolLM2, one session at 2K: 47.5 vs 41.5 tok/s). Without the native kernels, the per-session calls remain:
 gathering all caches into a padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the
 gather copies every attended key each step and cost more than the per-session attention calls it
@@ -35,11 +34,20 @@ calls are launch-bound and the gather is cheap, so the group attends in one padd
 (`_padded_decode_attention`). Sessions whose policy observes queries or extends attention
 (snapkv, retrieval, hierarchical, compressive) and prefill chunks take the per-session path.
 
-Prefill on the CPU (fp32, native kernels built): a chunk attends through `causal_attention`
-(flash-style, over the cache it was just appended to), and a step of more than 64 rows runs its
-dense part through `gemm_nt` with the RMSNorms folded into the products' packing, the SwiGLU pair
-in one pass and the residuals added in place (SmolLM2, 2 threads: 512-token prefill 1.28x
-transformers' where torch's MKL products and SDPA gave 1.0x).
+Products on the CPU (fp32, native kernels built): on first use every layer's matrices and the
+lm_head are packed once (`native.pack_weights`: strips of 32 columns, `[K][32]` each, gate and up
+interleaved for the SwiGLU pair, on transparent huge pages) and every product of every step reads
+them in place through `native.gemm_packed`, with the RMSNorms folded into the products, the SwiGLU
+pair in one pass and the residuals added in place. One layout for all row counts: a decode step's
+few rows split the strips between the threads (each one sequential stream), a prefill chunk's many
+rows take the register tiles of the BLIS-style GEMM, and each output is summed in an order fixed by
+K alone, so a session's row has the same bits batched or alone. The plain weights stay for the
+torch paths; their pages are handed back to the kernel once packed (`native.release_pages`), so
+the resident weights are not doubled (SmolLM2: peak RSS +8%, the fused q/k/v copy and the torch
+paths' plain matrices that are not file-backed). 16 sessions at 512 tokens: the step's products
+~30 -> ~24 ms against the plain-layout decode kernels (`matmul_nt`, which other models' `linear`
+calls keep). Prefill chunks attend through `causal_attention` (flash-style, over the cache they
+were just appended to).
 """
 
 from __future__ import annotations
@@ -117,6 +125,7 @@ class LlamaModel:
         self.rope = Rope(c.head_dim, c.rope_theta, c.rope_scaling, dtype=dtype, device=self.device)
         self.pool = BlockPool(c.num_layers, c.num_kv_heads, c.head_dim, block_size=block_size,
                               dtype=dtype, device=self.device)
+        self._mlp_biases = any(layer.b_gate is not None or layer.b_up is not None for layer in self.layers)
         # Built on first use, for the layers this model holds (a pipeline stage drops the others):
         self._packed: list[_PackedLayer | None] | None = None  # the layers' matrices, packed
         self._packed_head: native.PackedWeight | None = None
@@ -334,9 +343,8 @@ class LlamaModel:
         """Whether this model's products run over packed weights (`native.gemm_packed`): fp32 CPU,
         native kernels on (and `linear`'s fast paths), no MLP biases (the fused SwiGLU has none; no
         Llama-family checkpoint here uses them), nothing autograd must see."""
-        return (self.dtype == torch.float32 and self.device.type == "cpu" and not torch.is_grad_enabled()
-                and choose_path(1, 1, 1)[0] == "native"
-                and all(layer is None or (layer.b_gate is None and layer.b_up is None) for layer in self.layers))
+        return (self.dtype == torch.float32 and self.device.type == "cpu" and not self._mlp_biases
+                and not torch.is_grad_enabled() and choose_path(1, 1, 1)[0] == "native")
 
     def _packed_layers(self, layers: range) -> list[_PackedLayer] | None:
         """The packed matrices of `layers` (packed on first use, into one buffer on huge pages), or
@@ -354,11 +362,10 @@ class LlamaModel:
         paths; their pages are handed back to the kernel (`release_pages`: a mapped checkpoint's
         are read again from the file if a torch path needs them), so the packed copy does not
         double the resident weights."""
-        held = [layer for layer in self.layers if layer is not None]
-        sizes = [(native.packed_floats(*layer.w_qkv.shape), native.packed_floats(*layer.w_o.shape),
-                  native.packed_floats(*layer.w_gate.shape, swiglu=True), native.packed_floats(*layer.w_down.shape))
-                 for layer in held]
-        buffer = native.huge_page_floats(sum(sum(s) for s in sizes))
+        buffer = native.huge_page_floats(sum(
+            native.packed_floats(*layer.w_qkv.shape) + native.packed_floats(*layer.w_o.shape)
+            + native.packed_floats(*layer.w_gate.shape, swiglu=True) + native.packed_floats(*layer.w_down.shape)
+            for layer in self.layers if layer is not None))
         out: list[_PackedLayer | None] = []
         at = 0
 
@@ -384,8 +391,7 @@ class LlamaModel:
     def _fused_decode_fits(self, rows: int, layers: range) -> bool:
         """Whether a decode step of `rows` sessions through `layers` runs each layer as one native
         call (`native.decode_layer_unchecked`): exactly where the separate calls would all be native."""
-        if not self.fused_decode or rows > NATIVE_MAX_ROWS or not native.enabled() \
-                or self._packed_layers(layers) is None:
+        if not self.fused_decode or rows > NATIVE_MAX_ROWS or self._packed_layers(layers) is None:
             return False
         if self._layer_weights is None:  # None for a layer this model does not hold (a pipeline stage's)
             c = self.config
@@ -415,7 +421,6 @@ class LlamaModel:
         keep: dict[str, torch.Tensor] = {}  # the tensors args points into
         rope_prev: list[int] | None = None
         layout_prev: list[tuple[int, int, int]] | None = None
-        pool_prev: tuple[int, int] | None = None
         for li, weights in enumerate(weights_of):
             rope_at = [cc.layers[li].next_rope for cc in caches]
             if rope_at != rope_prev:
@@ -435,10 +440,8 @@ class LlamaModel:
                 for name in ("slots", "blocks", "offsets", "lengths"):
                     setattr(args, name, keep[name].data_ptr())
             pool = caches[0].pool  # after any growth in reserve_slots
-            k_pool = pool.k[li]
-            if pool_prev != (k_pool.data_ptr(), k_pool.shape[1]):
-                pool_prev = (k_pool.data_ptr(), k_pool.shape[1])
-                args.S, args.bs = k_pool.shape[1] * pool.block_size, pool.block_size
+            k_pool = pool.k[li]  # [Hkv, blocks, block_size, D]
+            args.S, args.bs = k_pool.shape[1] * pool.block_size, pool.block_size
             args.k_pool, args.v_pool = k_pool.data_ptr(), pool.v[li].data_ptr()
             args.pos_pool, args.rope_pool = pool.pos[li].data_ptr(), pool.rope_pos[li].data_ptr()
             native.decode_layer_unchecked(weights, args, x, scratch)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,13 +42,3 @@ def test_free_list_matches_a_plain_model(ops: list[tuple[str, int, int]]) -> Non
         used += got
         assert pool.blocks_used() == len(used)
         assert pool.k[0].shape == (1, pool.num_blocks(0), 2, 4)
-
-
-def test_cpu_storage_of_large_pools_is_2mb_aligned() -> None:
-    """Large K/V storage sits on (advised) huge pages; small pools are plain allocations."""
-    pool = BlockPool(1, 2, 64, block_size=64, initial_blocks=64)  # 2 MB per layer's K
-    assert pool.k[0].data_ptr() % (2 << 20) == 0 and pool.v[0].data_ptr() % (2 << 20) == 0
-    pool.k[0].fill_(2.0)
-    pool.allocate(0, 100)  # grows, copying the old blocks
-    assert pool.k[0].data_ptr() % (2 << 20) == 0 and bool((pool.k[0][:, :64] == 2.0).all())
-    assert torch.equal(pool.flat_k(0)[:, :64 * 64], torch.full((2, 64 * 64, 64), 2.0))
