@@ -13,6 +13,18 @@ def test_greedy_is_argmax() -> None:
     assert Sampler(SamplingParams())(logits) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_greedy_takes_torch_argmax_first_maximum_in_every_dtype(dtype: torch.dtype) -> None:
+    """The CPU fast path (numpy) and torch agree, ties included (the first maximum wins)."""
+    g = torch.Generator().manual_seed(0)
+    greedy = Sampler(SamplingParams())
+    for _ in range(20):
+        logits = torch.randint(0, 8, (1000,), generator=g).to(dtype)  # many ties at the maximum
+        assert greedy(logits) == int(torch.argmax(logits))
+    view = torch.randn(4, 50, generator=g).to(dtype)[2]  # a row of a batch's logits
+    assert greedy(view) == int(torch.argmax(view))
+
+
 def test_top_k_only_draws_from_the_k_best() -> None:
     logits = torch.tensor([5.0, 4.0, 3.0, -2.0, 1.0, 0.0])
     s = Sampler(SamplingParams(temperature=5.0, top_k=3, seed=0))
