@@ -2,12 +2,12 @@
 
 Functional code over a weights dict taken from the loader (Hugging Face names). Weights are used
 in place where possible: when they already have the model's dtype and device nothing is copied,
-so a memory-mapped checkpoint is read straight from the page cache. q/k/v are the exception:
-they are concatenated into one `[(Hq + 2 Hkv) D, H]` matrix at load, so a layer does one QKV
-matmul and rotates q and k in one RoPE call (q and k are adjacent columns of its output). On a
-shared CPU every parallel region is a barrier that a descheduled thread stalls, so fewer,
-larger calls matter most for decode. The copy costs its own size (SmolLM2: 66 MB) on top of the
-mapped pages. The lm_head runs only on the rows whose logits are asked for (the last position of
+so a memory-mapped checkpoint is read straight from the page cache. A layer does one QKV product
+and rotates q and k in one RoPE call (q and k are adjacent columns of its output): the packed
+weights (below) stack q, k and v; the torch paths use a stacked `[(Hq + 2 Hkv) D, H]` copy, made
+at load on other devices and dtypes and on first use on the CPU in fp32 (SmolLM2: 66 MB that a
+packing model never holds). On a shared CPU every parallel region is a barrier that a
+descheduled thread stalls, so fewer, larger calls matter most for decode. The lm_head runs only on the rows whose logits are asked for (the last position of
 each session unless told otherwise). On the CPU in fp32 the products run over packed copies of
 the weights (below); elsewhere every projection goes through `streamctx.model.linear.linear`.
 
@@ -52,7 +52,8 @@ were just appended to).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import torch
@@ -72,10 +73,12 @@ from streamctx.operators.policies.base import CachePolicy
 from streamctx.state import StateBlob
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Layer:
     ln_attn: torch.Tensor  # [H]
-    w_qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]: q, k, v stacked
+    w_q: torch.Tensor  # [Hq D, H]
+    w_k: torch.Tensor  # [Hkv D, H]
+    w_v: torch.Tensor  # [Hkv D, H]
     b_qkv: torch.Tensor | None  # [(Hq + 2 Hkv) D]
     w_o: torch.Tensor  # [H, Hq D]
     b_o: torch.Tensor | None
@@ -86,6 +89,16 @@ class _Layer:
     b_up: torch.Tensor | None
     w_down: torch.Tensor  # [H, I]
     b_down: torch.Tensor | None
+
+    @functools.cached_property
+    def w_qkv(self) -> torch.Tensor:
+        """`[(Hq + 2 Hkv) D, H]`: q, k, v stacked, for one QKV product on the torch paths (made on
+        first use: a packing model never needs it)."""
+        return torch.cat([self.w_q, self.w_k, self.w_v])
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The layer's weights (not the stacked copy)."""
+        return [t for f in fields(self) if (t := getattr(self, f.name)) is not None]
 
 
 @dataclass(frozen=True)
@@ -136,15 +149,15 @@ class LlamaModel:
         h, d, inter = c.hidden_size, c.head_dim, c.intermediate_size
         qd, kvd = c.num_heads * d, c.num_kv_heads * d
         att, mlp = p + "self_attn.", p + "mlp."
-        w_qkv = torch.cat([w.take(att + "q_proj.weight", (qd, h)), w.take(att + "k_proj.weight", (kvd, h)),
-                           w.take(att + "v_proj.weight", (kvd, h))])
         b_qkv = None
         if c.attention_bias:
             b_qkv = torch.cat([w.take(att + "q_proj.bias", (qd,)), w.take(att + "k_proj.bias", (kvd,)),
                                w.take(att + "v_proj.bias", (kvd,))])
-        return _Layer(
+        layer = _Layer(
             ln_attn=w.take(p + "input_layernorm.weight", (h,)),
-            w_qkv=w_qkv,
+            w_q=w.take(att + "q_proj.weight", (qd, h)),
+            w_k=w.take(att + "k_proj.weight", (kvd, h)),
+            w_v=w.take(att + "v_proj.weight", (kvd, h)),
             b_qkv=b_qkv,
             w_o=w.take(att + "o_proj.weight", (h, qd)),
             b_o=w.maybe(att + "o_proj.bias", c.o_proj_bias, (h,)),
@@ -156,6 +169,9 @@ class LlamaModel:
             w_down=w.take(mlp + "down_proj.weight", (h, inter)),
             b_down=w.maybe(mlp + "down_proj.bias", c.mlp_bias, (h,)),
         )
+        if not (self.dtype == torch.float32 and self.device.type == "cpu"):  # no packing: stack once
+            layer.w_q, layer.w_k, layer.w_v = layer.w_qkv.split([qd, kvd, kvd])  # views: one copy in memory
+        return layer
 
     # -- sessions ---------------------------------------------------------------------------------
     def new_state(self) -> SessionKV:
@@ -171,7 +187,7 @@ class LlamaModel:
         seen: dict[int, int] = {}
         tensors = [self.embed, self.lm_head, self.norm]
         for layer in self.layers:
-            tensors.extend(t for t in vars(layer).values() if t is not None)
+            tensors.extend(layer.tensors())
         for t in tensors:
             seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values())
@@ -362,8 +378,10 @@ class LlamaModel:
         paths; their pages are handed back to the kernel (`release_pages`: a mapped checkpoint's
         are read again from the file if a torch path needs them), so the packed copy does not
         double the resident weights."""
+        c = self.config
+        qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
         buffer = native.huge_page_floats(sum(
-            native.packed_floats(*layer.w_qkv.shape) + native.packed_floats(*layer.w_o.shape)
+            native.packed_floats(qkv_rows, c.hidden_size) + native.packed_floats(*layer.w_o.shape)
             + native.packed_floats(*layer.w_gate.shape, swiglu=True) + native.packed_floats(*layer.w_down.shape)
             for layer in self.layers if layer is not None))
         out: list[_PackedLayer | None] = []
@@ -379,12 +397,13 @@ class LlamaModel:
                 out.append(None)
                 continue
             out.append(_PackedLayer(
-                qkv=native.pack_weights(layer.w_qkv, out=take(native.packed_floats(*layer.w_qkv.shape))),
+                qkv=_pack_stacked([layer.w_q, layer.w_k, layer.w_v], take(native.packed_floats(qkv_rows, c.hidden_size))),
                 o=native.pack_weights(layer.w_o, out=take(native.packed_floats(*layer.w_o.shape))),
                 gate_up=native.pack_swiglu(layer.w_gate, layer.w_up,
                                            out=take(native.packed_floats(*layer.w_gate.shape, swiglu=True))),
                 down=native.pack_weights(layer.w_down, out=take(native.packed_floats(*layer.w_down.shape)))))
-            for t in (layer.w_qkv, layer.w_o, layer.w_gate, layer.w_up, layer.w_down):
+            layer.__dict__.pop("w_qkv", None)  # a stacked copy made for the packing: the torch paths remake it
+            for t in (layer.w_q, layer.w_k, layer.w_v, layer.w_o, layer.w_gate, layer.w_up, layer.w_down):
                 native.release_pages(t)
         return out
 
@@ -528,6 +547,20 @@ class LlamaModel:
         state.n_fed = int(blob.meta["n_fed"])
         state.n_new = [int(n) for n in blob.meta["n_new"]]
         return state
+
+
+def _pack_stacked(parts: list[torch.Tensor], out: torch.Tensor) -> native.PackedWeight:
+    """`native.pack_weights(torch.cat(parts))` into `out`, without the stacked copy where every part
+    but the last is whole strips (32 rows: q/k/v of SmolLM2, Qwen2, Llama 3)."""
+    k = parts[0].shape[1]
+    n = sum(p.shape[0] for p in parts)
+    if any(p.shape[0] % 32 for p in parts[:-1]):
+        return native.pack_weights(torch.cat(parts), out=out)
+    r0 = 0
+    for part in parts:  # rows r0.. start at strip r0 / 32, float r0 * k
+        native.pack_weights(part, out=out[r0 * k:r0 * k + native.packed_floats(part.shape[0], k)])
+        r0 += part.shape[0]
+    return native.PackedWeight(out.view(-1, k, 32), n, k, False)
 
 
 def _pack_releasing(weight: torch.Tensor, rows_per_chunk: int = 4096) -> native.PackedWeight:

@@ -93,8 +93,7 @@ def _keep_layers(model: LlamaModel, layers: range) -> None:
 
 
 def _layer_nbytes(model: LlamaModel, layers: range) -> int:
-    return sum(t.numel() * t.element_size() for i in layers
-               for t in vars(model.layers[i]).values() if t is not None)
+    return sum(t.numel() * t.element_size() for i in layers for t in model.layers[i].tensors())
 
 
 def _kv_tensors(state: SessionKV) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

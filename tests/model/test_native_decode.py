@@ -128,3 +128,16 @@ def test_native_prefill_equals_torch_paths(folder: Path, monkeypatch: pytest.Mon
     got = logits(256)
     assert_close(got, want, scale=10.0, msg="whole")
     assert sorted(set(attention_rows)) == [6, 16, 150] and sorted(set(gemm_rows)) == [6, 16, 150]
+
+
+@pytest.mark.parametrize("rows", [(64, 32, 32), (40, 8, 8)])
+def test_qkv_packed_from_its_parts_equals_packing_the_stacked_matrix(rows: tuple[int, int, int]) -> None:
+    """q, k and v are packed straight from the checkpoint's matrices (whole strips of 32 rows), or
+    through a stacked copy where they are not: the same packed bytes either way."""
+    g = torch.Generator().manual_seed(4)
+    parts = [torch.randn(n, 24, generator=g) for n in rows]
+    out = cpu.huge_page_floats(cpu.packed_floats(sum(rows), 24))
+    packed = llama._pack_stacked(parts, out)
+    want = cpu.pack_weights(torch.cat(parts))
+    assert (packed.n, packed.k) == (want.n, want.k) and torch.equal(packed.strips, want.strips)
+    assert torch.equal(packed.unpack(), torch.cat(parts))
