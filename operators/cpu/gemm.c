@@ -38,13 +38,9 @@
 #define KB_MAX 192     /* k per summation block (MKL's order on this machine, and its accuracy) */
 #define X_BYTES (384 * 1024)  /* a thread's group of packed x tiles (all of K), kept in L2 */
 #define GROUP_MAX 32           /* tiles in a group at most */
-#ifndef PF_B
 #define PF_B 8         /* k steps ahead that the tile prefetches its strip */
-#endif
 #define DECODE_ROWS 64 /* at most this many rows: the threads split the strips, never the rows, */
-#ifndef DECODE_MR
 #define DECODE_MR 8    /* in tiles of 8 rows (16 rows of SmolLM2 from memory: 12 + 4 ~150 GFLOP/s, 8 + 8 ~170) */
-#endif
 
 /* Contiguous share [lo, hi) of n items for part `t` of `parts`. */
 static inline void split(int64_t n, int parts, int t, int64_t *lo, int64_t *hi) {

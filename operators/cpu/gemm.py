@@ -93,6 +93,22 @@ def _check_common(x: torch.Tensor, weights: list[tuple[str, torch.Tensor]], norm
     return m, n, k
 
 
+def _check_epilogue(bias: torch.Tensor | None, residual: torch.Tensor | None, out: torch.Tensor | None,
+                    m: int, n: int) -> None:
+    """The bias `[n]` and residual `[m, n]` checks (the residual may be `out` itself)."""
+    if bias is not None:
+        _check_cpu_f32("bias", bias)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    if residual is not None:
+        _check_cpu_f32("residual", residual)
+        if tuple(residual.shape) != (m, n):
+            raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
+        if out is not None and _overlap(out, residual) and not (
+                residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
+            raise ValueError("out may be residual itself but must not partly overlap it")
+
+
 def gemm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
             norm_weight: torch.Tensor | None = None, eps: float = 1e-5, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,17 +121,7 @@ def gemm_nt(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     not otherwise overlap an input.
     """
     m, n, k = _check_common(x, [("weight", weight)], norm_weight, out, "gemm_nt")
-    if bias is not None:
-        _check_cpu_f32("bias", bias)
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-    if residual is not None:
-        _check_cpu_f32("residual", residual)
-        if tuple(residual.shape) != (m, n):
-            raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
-        if out is not None and _overlap(out, residual) and not (
-                residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
-            raise ValueError("out may be residual itself but must not partly overlap it")
+    _check_epilogue(bias, residual, out, m, n)
     return gemm_nt_unchecked(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                              None if norm_weight is None else norm_weight.contiguous(), eps, residual, out)
 
@@ -318,17 +324,7 @@ def gemm_packed(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None
     if weight.swiglu and (bias is not None or residual is not None):
         raise ValueError("a packed SwiGLU pair takes no bias or residual")
     m, n, k = _check_common(x, [], norm_weight, out, "gemm_packed", n=weight.n, k=weight.k)
-    if bias is not None:
-        _check_cpu_f32("bias", bias)
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-    if residual is not None:
-        _check_cpu_f32("residual", residual)
-        if tuple(residual.shape) != (m, n):
-            raise ValueError(f"residual must be [{m}, {n}], got {list(residual.shape)}")
-        if out is not None and _overlap(out, residual) and not (
-                residual.data_ptr() == out.data_ptr() and residual.stride() == out.stride()):
-            raise ValueError("out may be residual itself but must not partly overlap it")
+    _check_epilogue(bias, residual, out, m, n)
     return gemm_packed_unchecked(x, weight, None if bias is None else bias.contiguous(),
                                  None if norm_weight is None else norm_weight.contiguous(), eps, residual, out)
 

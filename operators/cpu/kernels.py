@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ctypes
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from streamctx.operators.cpu import native
+
+if TYPE_CHECKING:
+    from streamctx.operators.cpu.gemm import PackedWeight
 
 MAX_GROUP = 16  # query heads per KV head the attention kernel takes (kernels.c MAX_G)
 MAX_HEAD_DIM = 256  # kernels.c MAX_DV * 16
@@ -255,7 +258,7 @@ class LayerCache(ctypes.Structure):
                 ("blocks", _P), ("offsets", _P), ("lengths", _P)]
 
 
-def layer_weights(tensors: dict[str, Any], *, num_heads: int, num_kv_heads: int, head_dim: int,
+def layer_weights(tensors: dict[str, torch.Tensor | PackedWeight | None], *, num_heads: int, num_kv_heads: int, head_dim: int,
                   eps: float, scale: float) -> LayerWeights | None:
     """The `LayerWeights` of one layer for `decode_layer_unchecked`, or None where its weights do not fit the
     kernel (not fp32 CPU, or heads it does not take): the caller keeps its other path.
