@@ -226,10 +226,6 @@ def huge_page_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, 
     return out.view(dtype).view(shape)
 
 
-def _huge_page_floats(n: int) -> torch.Tensor:
-    return huge_page_empty((n,))
-
-
 @dataclass(frozen=True, eq=False)
 class PackedWeight:
     """A weight `[N, K]` (or the SwiGLU pair `w_gate`, `w_up`, each `[N, K]`) packed for
@@ -250,7 +246,8 @@ class PackedWeight:
         cols = self.strips.transpose(1, 2)  # [S, 32, K]
         if not self.swiglu:
             return cols.reshape(-1, self.k)[:self.n].contiguous()
-        return cols[:, :16].reshape(-1, self.k)[:self.n].contiguous(), cols[:, 16:].reshape(-1, self.k)[:self.n].contiguous()
+        gate, up = (half.reshape(-1, self.k)[:self.n].contiguous() for half in (cols[:, :16], cols[:, 16:]))
+        return gate, up
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids [T]` of the plain weight `[T, K]` (an embedding lookup from a tied lm_head)."""
@@ -274,12 +271,12 @@ def packed_floats(n: int, k: int, swiglu: bool = False) -> int:
 def huge_page_floats(n: int) -> torch.Tensor:
     """An uninitialised fp32 tensor of `n` values, 64-byte aligned, on transparent huge pages
     where the kernel gives them (for a model's packed weights: one buffer, sliced with `out=`)."""
-    return _huge_page_floats(n)
+    return huge_page_empty((n,))
 
 
 def _out_strips(out: torch.Tensor | None, floats: int) -> torch.Tensor:
     if out is None:
-        return _huge_page_floats(floats)
+        return huge_page_floats(floats)
     _check_cpu_f32("out", out)
     if out.dim() != 1 or out.numel() != floats or not out.is_contiguous() or out.data_ptr() % 64:
         raise ValueError(f"out must be a contiguous 64-byte aligned fp32 [{floats}] tensor")
@@ -293,7 +290,9 @@ def pack_weights(weight: torch.Tensor, *, out: torch.Tensor | None = None) -> Pa
     _check_weight("weight", weight)
     n, k = weight.shape
     strips = _out_strips(out, packed_floats(n, k))
-    native.library().sc_pack_weights(weight.contiguous().data_ptr(), None, n, k, strips.data_ptr())  # type: ignore[union-attr]
+    lib = native.library()
+    assert lib is not None
+    lib.sc_pack_weights(weight.contiguous().data_ptr(), None, n, k, strips.data_ptr())
     return PackedWeight(strips.view(-1, k, 32), n, k, False)
 
 
@@ -307,8 +306,9 @@ def pack_swiglu(w_gate: torch.Tensor, w_up: torch.Tensor, *, out: torch.Tensor |
         raise ValueError(f"w_gate and w_up differ in shape: {list(w_gate.shape)} and {list(w_up.shape)}")
     n, k = w_gate.shape
     strips = _out_strips(out, packed_floats(n, k, swiglu=True))
-    native.library().sc_pack_weights(w_gate.contiguous().data_ptr(), w_up.contiguous().data_ptr(),  # type: ignore[union-attr]
-                                     n, k, strips.data_ptr())
+    lib = native.library()
+    assert lib is not None
+    lib.sc_pack_weights(w_gate.contiguous().data_ptr(), w_up.contiguous().data_ptr(), n, k, strips.data_ptr())
     return PackedWeight(strips.view(-1, k, 32), n, k, True)
 
 

@@ -7,9 +7,10 @@ and rotates q and k in one RoPE call (q and k are adjacent columns of its output
 weights (below) stack q, k and v; the torch paths use a stacked `[(Hq + 2 Hkv) D, H]` copy, made
 at load on other devices and dtypes and on first use on the CPU in fp32 (SmolLM2: 66 MB that a
 packing model never holds). On a shared CPU every parallel region is a barrier that a
-descheduled thread stalls, so fewer, larger calls matter most for decode. The lm_head runs only on the rows whose logits are asked for (the last position of
-each session unless told otherwise). On the CPU in fp32 the products run over packed copies of
-the weights (below); elsewhere every projection goes through `streamctx.model.linear.linear`.
+descheduled thread stalls, so fewer, larger calls matter most for decode. The lm_head runs only
+on the rows whose logits are asked for (the last position of each session unless told
+otherwise). On the CPU in fp32 the products run over packed copies of the weights (below);
+elsewhere every projection goes through `streamctx.model.linear.linear`.
 
 The forward is batch-first: `forward([(cache, ids), ...])` packs every session's new tokens into
 one `[N, H]` activation for the dense layers and runs attention per session over its own
@@ -26,8 +27,8 @@ takes the same kernel, so batched and one-at-a-time decode give the same bits (1
 is the decode group (at most 64 sessions), each layer is one native call
 (`decode_layer_unchecked`: norms, products, RoPE and cache write, attention, MLP, residuals in one
 parallel region): the same kernels in the same order, so the same bits, without ~6 returns to
-Python a layer (SmolLM2, one session at 2K: 47.5 vs 41.5 tok/s). Without the native kernels, the per-session calls remain:
-gathering all caches into a padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the
+Python a layer (SmolLM2, one session at 2K: 47.5 vs 41.5 tok/s). Without the native kernels, the
+per-session calls remain: gathering all caches into a padded `[B, Hkv, Tmax, D]` batch was measured and rejected: the
 gather copies every attended key each step and cost more than the per-session attention calls it
 replaced (16 sessions x 2K tokens: 30 ms vs 3.6 ms per layer on 2 cores). On CUDA the per-session
 calls are launch-bound and the gather is cheap, so the group attends in one padded call
@@ -397,7 +398,8 @@ class LlamaModel:
                 out.append(None)
                 continue
             out.append(_PackedLayer(
-                qkv=_pack_stacked([layer.w_q, layer.w_k, layer.w_v], take(native.packed_floats(qkv_rows, c.hidden_size))),
+                qkv=_pack_stacked([layer.w_q, layer.w_k, layer.w_v],
+                                  take(native.packed_floats(qkv_rows, c.hidden_size))),
                 o=native.pack_weights(layer.w_o, out=take(native.packed_floats(*layer.w_o.shape))),
                 gate_up=native.pack_swiglu(layer.w_gate, layer.w_up,
                                            out=take(native.packed_floats(*layer.w_gate.shape, swiglu=True))),

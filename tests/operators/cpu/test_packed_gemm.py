@@ -31,9 +31,9 @@ def _weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 @needs_native
-@given(m=st.integers(1, 140), n=st.sampled_from([1, 15, 16, 17, 32, 33, 100]), k=st.sampled_from([1, 17, 192, 193, 577]),
-       bias=st.booleans(), norm=st.booleans(), residual=st.sampled_from(["none", "separate", "out"]),
-       seed=st.integers(0, 2**16))
+@given(m=st.integers(1, 140), n=st.sampled_from([1, 15, 16, 17, 32, 33, 100]),
+       k=st.sampled_from([1, 17, 192, 193, 577]), bias=st.booleans(), norm=st.booleans(),
+       residual=st.sampled_from(["none", "separate", "out"]), seed=st.integers(0, 2**16))
 @settings(max_examples=60, deadline=None)
 def test_packed_product_has_the_bits_of_gemm_nt(m: int, n: int, k: int, bias: bool, norm: bool, residual: str,
                                                 seed: int) -> None:
