@@ -42,12 +42,11 @@ from streamctx.operators.cpu.gemm import (
     gemm_nt_unchecked,
     gemm_packed,
     gemm_packed_unchecked,
-    huge_page_floats,
     pack_swiglu,
     pack_weights,
     packed_floats,
-    release_pages,
 )
+from streamctx.operators.cpu.memory import huge_page_floats, release_pages
 
 __all__ = ["LAYER_WEIGHT_NAMES", "LayerCache", "LayerWeights", "available", "causal_attention",
            "causal_attention_unchecked", "decode_layer_unchecked", "decode_scratch", "layer_weights", "enabled",

@@ -19,7 +19,7 @@ import heapq
 
 import torch
 
-from streamctx.operators.cpu.gemm import huge_page_empty
+from streamctx.operators.cpu.memory import huge_page_empty
 
 HUGE_PAGE_HEAD_BYTES = 2 << 20  # a head's K (or V) storage at least this large: huge pages (CPU)
 

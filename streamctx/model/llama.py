@@ -381,30 +381,28 @@ class LlamaModel:
         double the resident weights."""
         c = self.config
         qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        buffer = native.huge_page_floats(sum(
-            native.packed_floats(qkv_rows, c.hidden_size) + native.packed_floats(*layer.w_o.shape)
-            + native.packed_floats(*layer.w_gate.shape, swiglu=True) + native.packed_floats(*layer.w_down.shape)
-            for layer in self.layers if layer is not None))
+
+        def sizes(layer: _Layer) -> list[int]:  # qkv, o, the SwiGLU pair, down
+            return [native.packed_floats(qkv_rows, c.hidden_size), native.packed_floats(*layer.w_o.shape),
+                    native.packed_floats(*layer.w_gate.shape, swiglu=True), native.packed_floats(*layer.w_down.shape)]
+
+        buffer = native.huge_page_floats(sum(sum(sizes(layer)) for layer in self.layers if layer is not None))
         out: list[_PackedLayer | None] = []
         at = 0
-
-        def take(n: int) -> torch.Tensor:
-            nonlocal at
-            at += n
-            return buffer[at - n:at]
-
         for layer in self.layers:
             if layer is None:
                 out.append(None)
                 continue
+            parts = []
+            for n in sizes(layer):
+                parts.append(buffer[at:at + n])
+                at += n
             out.append(_PackedLayer(
-                qkv=_pack_stacked([layer.w_q, layer.w_k, layer.w_v],
-                                  take(native.packed_floats(qkv_rows, c.hidden_size))),
-                o=native.pack_weights(layer.w_o, out=take(native.packed_floats(*layer.w_o.shape))),
-                gate_up=native.pack_swiglu(layer.w_gate, layer.w_up,
-                                           out=take(native.packed_floats(*layer.w_gate.shape, swiglu=True))),
-                down=native.pack_weights(layer.w_down, out=take(native.packed_floats(*layer.w_down.shape)))))
-            layer.__dict__.pop("w_qkv", None)  # a stacked copy made for the packing: the torch paths remake it
+                qkv=_pack_stacked([layer.w_q, layer.w_k, layer.w_v], parts[0]),
+                o=native.pack_weights(layer.w_o, out=parts[1]),
+                gate_up=native.pack_swiglu(layer.w_gate, layer.w_up, out=parts[2]),
+                down=native.pack_weights(layer.w_down, out=parts[3])))
+            layer.__dict__.pop("w_qkv", None)  # a stacked copy an earlier torch path made: remade if needed
             for t in (layer.w_q, layer.w_k, layer.w_v, layer.w_o, layer.w_gate, layer.w_up, layer.w_down):
                 native.release_pages(t)
         return out

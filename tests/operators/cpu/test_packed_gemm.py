@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamctx.operators import cpu
-from streamctx.operators.cpu.gemm import huge_page_empty
+from streamctx.operators.cpu.memory import huge_page_empty
 
 needs_native = pytest.mark.skipif(not cpu.available(), reason=f"native kernels unavailable: {cpu.why_unavailable()}")
 
